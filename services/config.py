@@ -1,0 +1,340 @@
+"""One configuration tree for the whole service.
+
+Every component receives only its own sub-config (STYLE.md 7-8). The tree is
+loaded from YAML (or a dict), dotted overrides from the command line are applied
+(``learner.lr=1e-5``), and :func:`validate` runs once, before any actor starts.
+Unknown keys, wrong types and conflicting values raise :class:`ConfigError`
+with the dotted path of the offending field; nothing is silently rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxmo.config import AdvantageConfig, LossConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or inconsistent."""
+
+
+# --------------------------------------------------------------------------- sub-configs
+
+
+@dataclass
+class EnvConfig:
+    """Which text environment the rollout workers run, and how prompts are made."""
+
+    name: str = "textworldexpress"  # registry name or "module:attr"
+    game: str = "twc"  # game family / task type inside the environment
+    game_params: str = "numLocations=1,numItemsToPutAway=2,includeDoors=0"
+    split: str = "train"  # train | dev | test (or valid_seen / valid_unseen)
+    max_steps: int = 10  # step cap per episode
+    history: int = 2  # last k observation/action pairs in the prompt
+    obs_chars: int = 120  # history observations are cut to this many characters
+    max_action_chars: int = 200  # longer model outputs are invalid
+    step_timeout_s: float = 30.0  # an env step slower than this is an infrastructure failure
+    data_path: str = ""  # ALFWorld / WebShop data folder (empty: the env's own default)
+    options: dict[str, Any] = field(default_factory=dict)  # adapter-specific extras
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: a local Hugging Face folder, or the tiny model built here."""
+
+    path: str = "artifacts/tiny-model"  # HF folder; built by `proxmo sft` when missing and tiny=true
+    tiny: bool = True  # build the tiny Llama model locally if `path` does not exist
+    dtype: str = "float32"
+    max_model_len: int = 512
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ServingConfig:
+    """Ray Serve deployment of the vLLM policy engine."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+    num_cpus: float = 0.5  # per replica (fractional on small machines)
+    num_gpus: float = 0.0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.3  # on CPU: fraction of host memory vLLM may reserve
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    enforce_eager: bool = True
+    request_timeout_s: float = 120.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    app_name: str = "proxmo-policy"
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 32
+    eval_temperature: float = 0.0
+
+
+@dataclass
+class BufferConfig:
+    """Redis Streams trajectory buffer."""
+
+    url: str = ""  # empty: start an embedded redis-server; else redis://[:pw@]host:port/db or rediss://
+    stream: str = "proxmo:groups"
+    group: str = "learner"
+    max_depth: int = 256  # producers wait when this many groups are unconsumed
+    push_timeout_s: float = 300.0
+    claim_idle_ms: int = 60_000  # pending longer than this is reclaimed from a dead consumer
+    max_record_bytes: int = 64 * 1024 * 1024
+    compress_min_bytes: int = 4096
+    max_staleness: int = 1  # drop groups more than this many policy versions behind
+    data_dir: str = ""  # embedded server's AOF folder (empty: a temp dir)
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    min_workers: int = 1
+    max_workers: int = 4
+    envs_per_worker: int = 8  # concurrent episodes per worker (one group = group_size episodes)
+    group_size: int = 8  # G episodes per task
+    num_cpus: float = 0.25
+    autoscale: bool = False  # scale on buffer depth / learner idle time
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    groups_per_batch: int = 8
+    micro_batch_size: int = 16  # rows per forward/backward
+    ppo_epochs: int = 1
+    warmup_steps: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class SFTConfig:
+    episodes: int = 1500
+    lr: float = 3e-3
+    batch_size: int = 32
+    seconds: float = 300.0  # time budget (CPU quick start)
+    epochs: int = 3
+
+
+@dataclass
+class TrainConfig:
+    """The root of the tree (``proxmo train --config FILE``)."""
+
+    run_name: str = "quickstart"
+    output_dir: str = "runs"
+    mode: str = "sync"  # sync | async
+    max_policy_lag: int = 1  # async: rollouts at most this many versions behind
+    iterations: int = 25
+    eval_every: int = 0
+    eval_episodes: int = 400
+    checkpoint_every: int = 5
+    resume: bool = False
+    seed: int = 0
+    algorithm: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only lossless cases."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path or cls.__name__
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load YAML (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    cfg = from_dict(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+_ESTIMATORS_HINT = "grpo, gigpo, proxmo, proxmo_modulation_only, proxmo_soft_only"
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks; raise on the first problem with its dotted path."""
+    errors: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    a = cfg.algorithm
+    check(0.0 < a.gamma <= 1.0, f"algorithm.gamma must be in (0, 1], got {a.gamma}")
+    check(a.temperature > 0, f"algorithm.temperature must be > 0, got {a.temperature}")
+    check(a.stats_over in ("rows", "trajectories"), f"algorithm.stats_over must be rows|trajectories, got {a.stats_over!r}")
+    check(a.alpha > 0, f"algorithm.alpha must be > 0, got {a.alpha}")
+    lo = cfg.loss
+    check(lo.clip_ratio > 0, "loss.clip_ratio must be > 0")
+    check(lo.dual_clip > 1.0, "loss.dual_clip must be > 1")
+    check(lo.kl_coef >= 0 and lo.entropy_coef >= 0, "loss.kl_coef and loss.entropy_coef must be >= 0")
+    check(lo.agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), f"loss.agg unknown: {lo.agg!r}")
+    check(bool(a.estimator), f"algorithm.estimator must name one of: {_ESTIMATORS_HINT}")
+    check(cfg.mode in ("sync", "async"), f"mode must be sync|async, got {cfg.mode!r}")
+    check(cfg.max_policy_lag >= 0, "max_policy_lag must be >= 0")
+    check(cfg.iterations >= 0, "iterations must be >= 0")
+    check(cfg.env.max_steps >= 1, "env.max_steps must be >= 1")
+    check(cfg.env.history >= 0, "env.history must be >= 0")
+    r = cfg.rollout
+    check(r.group_size >= 1, "rollout.group_size must be >= 1")
+    check(r.envs_per_worker >= 1, "rollout.envs_per_worker must be >= 1")
+    check(0 <= r.min_workers <= r.num_workers <= r.max_workers,
+          f"rollout: need 0 <= min_workers ({r.min_workers}) <= num_workers ({r.num_workers}) <= max_workers ({r.max_workers})")
+    check(r.num_cpus > 0, "rollout.num_cpus must be > 0")
+    s = cfg.serving
+    check(1 <= s.min_replicas <= s.max_replicas,
+          f"serving: need 1 <= min_replicas ({s.min_replicas}) <= max_replicas ({s.max_replicas})")
+    check(0 < s.gpu_memory_utilization < 0.9 or s.num_gpus > 0,
+          "serving.gpu_memory_utilization on CPU is the host-memory fraction vLLM reserves; keep it below 0.9")
+    check(s.tensor_parallel_size >= 1, "serving.tensor_parallel_size must be >= 1")
+    check(s.tensor_parallel_size == 1 or s.num_gpus >= 1, "serving.tensor_parallel_size > 1 needs GPUs (serving.num_gpus)")
+    b = cfg.buffer
+    check(b.max_depth >= 1, "buffer.max_depth must be >= 1")
+    check(b.max_staleness >= 0, "buffer.max_staleness must be >= 0")
+    check(b.max_depth >= cfg.learner.groups_per_batch,
+          f"buffer.max_depth ({b.max_depth}) must hold at least one batch (learner.groups_per_batch={cfg.learner.groups_per_batch})")
+    check(b.url == "" or b.url.startswith(("redis://", "rediss://", "unix://")),
+          f"buffer.url must start with redis://, rediss:// or unix://, got {b.url!r}")
+    lr = cfg.learner
+    check(lr.lr > 0, "learner.lr must be > 0")
+    check(lr.groups_per_batch >= 1 and lr.micro_batch_size >= 1, "learner.groups_per_batch and micro_batch_size must be >= 1")
+    check(lr.device in ("auto", "cpu", "cuda"), f"learner.device must be auto|cpu|cuda, got {lr.device!r}")
+    check(cfg.sampling.max_tokens >= 1, "sampling.max_tokens must be >= 1")
+    check(cfg.model.max_model_len >= cfg.sampling.max_tokens + 16, "model.max_model_len too small for sampling.max_tokens")
+    if cfg.mode == "async":
+        check(b.max_staleness >= cfg.max_policy_lag,
+              f"buffer.max_staleness ({b.max_staleness}) < max_policy_lag ({cfg.max_policy_lag}): async rollouts would all be dropped")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
