@@ -1,0 +1,132 @@
+"""Turn environment breakage into an infrastructure outcome, and heal on the next reset.
+
+A JVM that dies, a py4j socket that hangs, or an adapter bug must not look like
+"the agent failed the task" to the learner (that would be a wrong 0 reward) and
+must not kill the rollout worker. :class:`GuardedEnv` runs every call of the
+wrapped environment in a helper thread with a deadline. Any exception or a
+missed deadline raises :class:`EnvInfraError`; the broken instance is closed
+(which also unblocks a hung JVM call) and a fresh one is built by the factory on
+the next ``reset``. The rollout worker drops or retries that group.
+
+:class:`TaskError` (bad input from the caller) passes through unchanged: it is
+a bug in the caller, not in the environment.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from services.envs.base import EnvInfraError, StepResult, Task, TaskError, TextEnv
+
+log = logging.getLogger(__name__)
+
+
+class GuardedEnv:
+    """Same interface as :class:`TextEnv`; failures raise :class:`EnvInfraError`."""
+
+    def __init__(self, factory: Callable[[], TextEnv], step_timeout_s: float = 30.0,
+                 reset_timeout_s: float | None = None) -> None:
+        if step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
+        self._factory = factory
+        self.step_timeout_s = float(step_timeout_s)
+        # Resets may start a JVM or load a game: allow more time than a step.
+        self.reset_timeout_s = float(reset_timeout_s or max(60.0, 4 * step_timeout_s))
+        self._env: TextEnv | None = None
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._broken = False
+        self.infra_failures = 0
+        self.restarts = 0
+
+    # ------------------------------------------------------------ plumbing
+
+    def _call(self, fn: Callable[..., Any], timeout: float, what: str, *args: Any) -> Any:
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guarded-env")
+        fut = self._pool.submit(fn, *args)
+        try:
+            return fut.result(timeout=timeout)
+        except TaskError:
+            raise
+        except cf.TimeoutError:
+            self._fail(f"{what} timed out after {timeout:.1f}s", None)
+        except Exception as exc:  # noqa: BLE001 - every env failure is an infra outcome
+            self._fail(f"{what} raised {type(exc).__name__}: {exc}", exc)
+
+    def _fail(self, msg: str, exc: BaseException | None) -> None:
+        self.infra_failures += 1
+        self._broken = True
+        env, pool = self._env, self._pool
+        self._env, self._pool = None, None
+        log.warning("environment failure (%s); it will be recreated on the next reset", msg)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if env is not None:
+            # close() kills the JVM, which also unblocks a call stuck on its socket.
+            threading.Thread(target=_quiet_close, args=(env,), daemon=True).start()
+        raise EnvInfraError(msg) from exc
+
+    def _ensure(self) -> TextEnv:
+        if self._env is None:
+            if self._broken:
+                self.restarts += 1
+            self._env = self._call(self._factory, self.reset_timeout_s, "creating the environment")
+            self._broken = False
+        return self._env
+
+    # ------------------------------------------------------------ TextEnv API
+
+    @property
+    def env(self) -> TextEnv | None:
+        return self._env
+
+    @property
+    def name(self) -> str:
+        return self._ensure().name
+
+    @property
+    def family(self) -> str:
+        return self._ensure().family
+
+    def sample_tasks(self, split: str, n: int, seed: int) -> list[Task]:
+        env = self._ensure()
+        return self._call(env.sample_tasks, self.reset_timeout_s, "sample_tasks", split, n, seed)
+
+    def reset(self, task: Task) -> tuple[str, dict[str, Any]]:
+        env = self._ensure()
+        return self._call(env.reset, self.reset_timeout_s, "reset", task)
+
+    def step(self, action: str) -> StepResult:
+        if self._env is None:
+            raise EnvInfraError("the environment was lost in an earlier failure; call reset() first")
+        return self._call(self._env.step, self.step_timeout_s, "step", action)
+
+    def expert_actions(self) -> list[str] | None:
+        if self._env is None:
+            raise EnvInfraError("no live environment; call reset() first")
+        return self._call(self._env.expert_actions, self.reset_timeout_s, "expert_actions")
+
+    def close(self) -> None:
+        env, pool = self._env, self._pool
+        self._env, self._pool = None, None
+        if env is not None:
+            _quiet_close(env)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> GuardedEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _quiet_close(env: TextEnv) -> None:
+    try:
+        env.close()
+    except Exception as exc:  # noqa: BLE001 - already failing; closing is best effort
+        log.debug("closing a broken environment failed: %s", exc)
