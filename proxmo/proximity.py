@@ -1,0 +1,116 @@
+"""ProxMO proximity-based soft aggregation of the step baseline (ProxMO Sec. 4.2).
+
+For rows i, j of the same episode group, with unit state features x:
+    c_ij = cos(x_i, x_j),   w_ij = softmax_j(c_ij / tau)   (j over the group, i included)
+    b_i  = sum_j w_ij G~_j,   A_S_i = G~_i - b_i
+
+Departures from the reference code (numbers unchanged up to float rounding):
+- The reference builds one N x N similarity matrix for the whole batch and masks it by
+  group. We work group by group on the group's *distinct* anchor texts: with counts M_u
+  and return sums S_u per distinct text u, b_a = sum_u e^(c_au/tau) S_u / sum_u e^(c_au/tau) M_u.
+  Memory and time follow the largest group's number of distinct states, not N^2.
+- TF-IDF (scikit-learn, ``TfidfVectorizer(max_features=1024)`` fit on all rows of the batch)
+  is reproduced from counts of the distinct texts weighted by how often each occurs:
+  term totals for the max_features cut, document frequencies and the idf are those of the
+  fit on all rows, bit for bit (same integer totals, same argsort, same float64 ops); only
+  the tokenising is done once per distinct text.
+- Featurizers are pluggable (``featurizer`` = "tfidf" or "module:attr" of a callable
+  ``(texts, counts, cfg) -> [U, D] array``; counts say how often each text occurs), e.g. sentence embeddings for semantic proximity.
+- If no text yields a token (empty vocabulary, e.g. only empty strings or 1-char tokens)
+  every feature is zero, all cosines are 0, and the baseline falls back to the group mean.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sklearn.feature_extraction.text import CountVectorizer
+from sklearn.preprocessing import normalize
+
+# (distinct texts, how often each occurs in the batch, AdvantageConfig) -> features [U, D]
+Featurizer = Callable[[list[str], np.ndarray, Any], np.ndarray]
+_FEATURIZERS: dict[str, Featurizer] = {}
+
+
+def register_featurizer(name: str, fn: Featurizer) -> None:
+    """Add a named featurizer; names are unique."""
+    if name in _FEATURIZERS:
+        raise ValueError(f"featurizer {name!r} is already registered")
+    _FEATURIZERS[name] = fn
+
+
+def get_featurizer(name: str) -> Featurizer:
+    if name in _FEATURIZERS:
+        return _FEATURIZERS[name]
+    if ":" in name:
+        module, attr = name.split(":", 1)
+        return getattr(importlib.import_module(module), attr)
+    raise ValueError(f"unknown featurizer {name!r}; known: {sorted(_FEATURIZERS)} or 'module:attr'")
+
+
+def tfidf_features(texts: list[str], counts: np.ndarray, max_features: int) -> np.ndarray:
+    """TF-IDF rows [U, V] of the distinct ``texts`` as fit on all rows (text u repeated counts[u] times).
+
+    Mirrors TfidfVectorizer defaults (lowercase, token_pattern, smooth_idf, l2 norm).
+    """
+    try:
+        x = CountVectorizer().fit_transform(texts)  # vocabulary sorted by term, int64 counts
+    except ValueError:  # empty vocabulary: no text has a token of 2+ word characters
+        return np.zeros((len(texts), 1), dtype=np.float64)
+    mult = np.asarray(counts, dtype=np.int64)
+    if max_features is not None and x.shape[1] > max_features:
+        totals = np.asarray(x.T @ mult).ravel().astype(np.int64)  # term totals over all rows
+        keep = np.zeros(x.shape[1], dtype=bool)
+        keep[(-totals).argsort()[:max_features]] = True  # same call and dtype as scikit-learn
+        x = x[:, np.flatnonzero(keep)]
+    present = x.copy()
+    present.data = np.ones_like(present.data)
+    df = np.asarray(present.T @ mult).ravel().astype(np.float64)
+    df += 1.0
+    idf = np.full_like(df, fill_value=int(mult.sum()) + 1, dtype=np.float64)
+    idf /= df
+    np.log(idf, out=idf)
+    idf += 1.0
+    x = x.astype(np.float64)
+    x.data *= idf[x.indices]
+    return normalize(x, norm="l2", copy=False).toarray()
+
+
+def _tfidf(texts: list[str], counts: np.ndarray, cfg: Any) -> np.ndarray:
+    return tfidf_features(texts, counts, cfg.tfidf_max_features)
+
+
+register_featurizer("tfidf", _tfidf)
+
+
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """x / (||x|| + 1e-8), as the reference (keeps all-zero rows at zero)."""
+    f = np.asarray(features, dtype=np.float64)
+    return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-8)
+
+
+def soft_step_advantage(step_return: np.ndarray, group: np.ndarray, text_code: np.ndarray,
+                        features: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(A_S [N], baseline [N]) from G~ [N], group codes [N], distinct-text codes [N] and unit features [U, D]."""
+    n = step_return.shape[0]
+    baseline = np.empty(n, dtype=np.float64)
+    if n == 0:
+        return baseline, baseline.copy()
+    order = np.lexsort((text_code, group))
+    g_bounds = np.flatnonzero(np.diff(group[order])) + 1
+    for rows in np.split(order, g_bounds):
+        t_rows = text_code[rows]
+        uniq, inv = np.unique(t_rows, return_inverse=True)
+        inv = inv.reshape(-1)
+        m = np.bincount(inv, minlength=uniq.size).astype(np.float64)
+        s = np.bincount(inv, weights=step_return[rows], minlength=uniq.size)
+        f = features[uniq]
+        logits = (f @ f.T) / temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        b = (e @ s) / (e @ m)
+        baseline[rows] = b[inv]
+    return step_return - baseline, baseline
