@@ -49,9 +49,28 @@ class StepRecord:
     info: dict[str, Any] = field(default_factory=dict)  # JSON-able extras (admissible count, score...)
 
     def __post_init__(self) -> None:
-        self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int32)
-        self.response_ids = np.asarray(self.response_ids, dtype=np.int32)
+        self.prompt_ids = _token_array(self.prompt_ids, "prompt_ids")
+        self.response_ids = _token_array(self.response_ids, "response_ids")
         self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
+        if self.logprobs.ndim != 1:
+            raise RecordError(f"logprobs must be 1-D, got shape {self.logprobs.shape}")
+
+
+_I32_MAX = 2**31 - 1
+
+
+def _token_array(x: Any, name: str) -> np.ndarray:
+    """Token ids as 1-D int32; refuses values that a silent int32 cast would wrap."""
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise RecordError(f"{name} must be 1-D, got shape {a.shape}")
+    if a.size == 0:
+        return np.zeros(0, np.int32)
+    if a.dtype.kind not in "iu":
+        raise RecordError(f"{name} must hold integers, got dtype {a.dtype}")
+    if a.dtype != np.int32 and (int(a.min()) < 0 or int(a.max()) > _I32_MAX):
+        raise RecordError(f"{name} holds ids outside 0..{_I32_MAX}")
+    return a.astype(np.int32, copy=False)
 
 
 @dataclass
@@ -88,6 +107,40 @@ class GroupRecord:
         return sum(len(e.steps) for e in self.episodes)
 
 
+# --------------------------------------------------------------------------- validation
+
+
+def validate_group(g: GroupRecord) -> None:
+    """Semantic checks shared by encode (fail at the producer) and decode (fail before the learner).
+
+    Raises RecordError naming the first offending field.
+    """
+    if not g.episodes:
+        raise RecordError(f"group {g.group_id}: has no episodes")
+    if not g.group_id:
+        raise RecordError("group_id is empty (it is the idempotence key)")
+    if g.policy_version < 0:
+        raise RecordError(f"group {g.group_id}: negative policy_version {g.policy_version}")
+    _finite(g.created_at, "group.created_at")
+    _finite(g.finished_at, "group.finished_at")
+    for ei, e in enumerate(g.episodes):
+        where = f"episodes[{ei}]"
+        _finite(e.score, f"{where}.score")
+        for si, s in enumerate(e.steps):
+            sw = f"{where}.steps[{si}]"
+            _finite(s.reward, f"{sw}.reward")
+            if len(s.logprobs) != len(s.response_ids):
+                raise RecordError(f"{sw}: {len(s.logprobs)} log-probs for {len(s.response_ids)} response tokens")
+            if s.logprobs.size and not np.isfinite(s.logprobs).all():
+                raise RecordError(f"{sw}.logprobs: not all finite")
+            for name in ("prompt_ids", "response_ids"):
+                ids = getattr(s, name)
+                if ids.size and int(ids.min()) < 0:
+                    raise RecordError(f"{sw}.{name}: negative token id")
+            if s.policy_version < 0:
+                raise RecordError(f"{sw}: negative policy_version {s.policy_version}")
+
+
 # --------------------------------------------------------------------------- encode
 
 
@@ -107,6 +160,8 @@ def _step_to_wire(s: StepRecord) -> dict[str, Any]:
 
 
 def encode_group(g: GroupRecord, compress_min_bytes: int = 4096) -> bytes:
+    """Validate and serialize; raises RecordError rather than write a record the learner would reject."""
+    validate_group(g)
     body = {
         "v": SCHEMA_VERSION,
         "task_id": g.task_id,
@@ -177,10 +232,18 @@ def decode_group(data: bytes, max_bytes: int = 64 * 1024 * 1024) -> GroupRecord:
     if flags & ~_FLAG_ZSTD:
         raise RecordError(f"unknown flags {flags:#x}")
     if flags & _FLAG_ZSTD:
+        # max_output_size is ignored when the frame header states a content size, so
+        # check that size first: a forged header must not make us allocate gigabytes.
+        try:
+            size = zstandard.frame_content_size(payload)
+        except zstandard.ZstdError as exc:
+            raise RecordError(f"corrupt compressed record: {exc}") from exc
+        if size > max_bytes:
+            raise RecordError(f"compressed record expands to {size} bytes, over the limit of {max_bytes}")
         try:
             payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=max_bytes)
         except zstandard.ZstdError as exc:
-            raise RecordError(f"corrupt compressed record: {exc}") from exc
+            raise RecordError(f"corrupt or over-limit compressed record: {exc}") from exc
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=max_bytes)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -228,9 +291,7 @@ def decode_group(data: bytes, max_bytes: int = 64 * 1024 * 1024) -> GroupRecord:
                 failure_reason=_need(e, "why", str, where),
             )
         )
-    if not episodes:
-        raise RecordError("group has no episodes")
-    return GroupRecord(
+    group = GroupRecord(
         task_id=_need(body, "task_id", str, "group"),
         episodes=episodes,
         env_name=_need(body, "env", str, "group"),
@@ -242,3 +303,5 @@ def decode_group(data: bytes, max_bytes: int = 64 * 1024 * 1024) -> GroupRecord:
         finished_at=_need(body, "t1", (int, float), "group"),
         schema_version=version,
     )
+    validate_group(group)
+    return group
