@@ -98,6 +98,9 @@ class BufferConfig:
     compress_min_bytes: int = 4096
     max_staleness: int = 1  # drop groups more than this many policy versions behind
     data_dir: str = ""  # embedded server's AOF folder (empty: a temp dir)
+    appendfsync: str = "everysec"  # embedded server's AOF fsync policy: always | everysec | no
+    reconnect_timeout_s: float = 30.0  # keep retrying (with backoff) a lost Redis connection this long
+    dedupe_window_s: float = 86_400.0  # a re-pushed group_id is recognised for this long
 
 
 @dataclass
