@@ -74,6 +74,11 @@ class ServingConfig:
     port: int = 8000
     route_prefix: str = "/"
     app_name: str = "proxmo-policy"
+    logprobs_mode: str = "raw_logprobs"  # vLLM: raw_logprobs (temperature-1 distribution) | processed_logprobs
+    seed: int = 0  # engine seed (per-request seeds override it)
+    swap_drain_timeout_s: float = 30.0  # in-flight requests past this are aborted (marked) by a weight swap
+    weight_poll_s: float = 1.0  # replica long-poll period on the WeightStore (also its heartbeat)
+    session_affinity: bool = True  # route one episode (session id) to one replica (prefix cache)
 
 
 @dataclass
@@ -112,6 +117,10 @@ class RolloutConfig:
     group_size: int = 8  # G episodes per task
     num_cpus: float = 0.25
     autoscale: bool = False  # scale on buffer depth / learner idle time
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. {"rollout": 0.01} on KubeRay
+    # Custom Ray resources per worker actor, e.g. {"rollout": 1} so that on KubeRay the
+    # actors land on the `rollout` worker group (k8s/ declares that resource there).
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +137,7 @@ class LearnerConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     seed: int = 0
+    recompute_old_logprobs: bool = False  # True: old log-probs from the learner, not the sampler
 
 
 @dataclass
@@ -137,6 +147,15 @@ class SFTConfig:
     batch_size: int = 32
     seconds: float = 300.0  # time budget (CPU quick start)
     epochs: int = 3
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty: start a local Ray; "auto" or ray://... to join a cluster (KubeRay)
+    num_cpus: int = 0  # local Ray only; 0: max(8, cores) logical CPUs so fractional actors fit
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"  # bind to localhost unless configured (issue 9)
+    namespace: str = "proxmo"
 
 
 @dataclass
@@ -150,6 +169,8 @@ class TrainConfig:
     iterations: int = 25
     eval_every: int = 0
     eval_episodes: int = 400
+    eval_split: str = "test"  # held-out tasks for `proxmo eval` and the before/after numbers
+    eval_greedy: bool = False  # False: sample at sampling.temperature (the policy RL trains)
     checkpoint_every: int = 5
     resume: bool = False
     seed: int = 0
@@ -163,6 +184,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -217,6 +239,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

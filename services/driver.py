@@ -1,0 +1,410 @@
+"""The composition root: wires the plain classes into Ray actors and runs the training loop.
+
+``proxmo train`` builds everything from one validated config tree:
+
+    Redis (embedded or REDIS_URL) -> warm-started model -> policy endpoint (Ray Serve + vLLM)
+    -> learner actor -> elastic pool of rollout actors
+
+and runs the paper's loop as named stages per iteration: rollout (G episodes
+per task, pushed to the buffer) -> learn (read, advantages, update) -> publish
+(new weights on every replica) -> checkpoint + ack -> log. In ``sync`` mode
+rollout and learning alternate; in ``async`` mode the next rollouts run while
+the learner updates, at most ``max_policy_lag`` versions behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from services.config import ConfigError, TrainConfig, load_config
+from services.rollout import Assignment, GroupSummary, RolloutWorker
+
+log = logging.getLogger("proxmo")
+
+CONTROL_ACTOR = "proxmo-control"
+
+
+class Control:
+    """Named actor through which `proxmo scale` (another process) asks the driver to resize the pool."""
+
+    def __init__(self) -> None:
+        self.desired: int | None = None
+        self.status: dict[str, Any] = {}
+
+    def request_workers(self, n: int) -> int:
+        if n < 0:
+            raise ValueError("number of workers must be >= 0")
+        self.desired = int(n)
+        return self.desired
+
+    def take_request(self) -> int | None:
+        n, self.desired = self.desired, None
+        return n
+
+    def set_status(self, status: dict[str, Any]) -> None:
+        self.status = status
+
+    def get_status(self) -> dict[str, Any]:
+        return self.status
+
+
+class _RolloutActor(RolloutWorker):
+    """RolloutWorker with its buffer connection made inside the actor process."""
+
+    def __init__(self, worker_id, env_cfg, rollout_cfg, sampling, model_path, policy, buffer_cfg, buffer_url,
+                 max_model_len):
+        from services.buffer import TrajectoryBuffer
+
+        buffer = TrajectoryBuffer(buffer_cfg, buffer_url, consumer=worker_id) if buffer_url else None
+        super().__init__(worker_id, env_cfg, rollout_cfg, sampling, model_path, policy, buffer, max_model_len)
+
+
+def summarize(summaries: list[GroupSummary], prefix: str = "rollout") -> dict[str, float]:
+    eps = sum(s.episodes for s in summaries) or 1
+    steps = sum(s.steps for s in summaries) or 1
+    out = {f"{prefix}/success_rate": sum(s.successes for s in summaries) / eps,
+           f"{prefix}/episode_length": steps / eps,
+           f"{prefix}/invalid_action_rate": sum(s.invalid_steps for s in summaries) / steps,
+           f"{prefix}/infra_failures": float(sum(s.infra_failures for s in summaries)),
+           f"{prefix}/groups": float(len(summaries))}
+    by_type: dict[str, list[int]] = {}
+    for s in summaries:
+        acc = by_type.setdefault(s.task_type or "all", [0, 0])
+        acc[0] += s.successes
+        acc[1] += s.episodes
+    out.update({f"success_rate/{t}": w / max(n, 1) for t, (w, n) in by_type.items()})
+    return out
+
+
+def eval_summary(episodes) -> dict[str, float]:
+    valid = [e for e in episodes if not e.infra_failure]
+    out = {"eval/success_rate": sum(e.won for e in valid) / max(len(valid), 1), "eval/episodes": float(len(valid)),
+           "eval/infra_failures": float(len(episodes) - len(valid))}
+    types = sorted({e.task_type for e in valid})
+    for t in types:
+        sub = [e for e in valid if e.task_type == t]
+        out[f"eval/success_rate/{t or 'all'}"] = sum(e.won for e in sub) / len(sub)
+    return out
+
+
+class TrainingRun:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir) / cfg.run_name
+        self.redis = None
+        self.policy = None
+        self.learner = None
+        self.pool = None
+        self.control = None
+        self.metrics = None
+        self._task_env = None
+
+    # ------------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        import ray
+
+        from services.metrics import MetricsSink
+        from services.sft import ensure_warm_model
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        # Warm start first, on all cores, before any actor competes for them.
+        model_path = ensure_warm_model(cfg.model, cfg.env, cfg.sft, cfg.seed)
+        self.model_cfg = replace(cfg.model, path=model_path)
+        self.buffer_url = self._start_redis()
+        self._init_ray()
+        self.control = ray.remote(Control).options(name=f"{CONTROL_ACTOR}-{cfg.run_name}", num_cpus=0,
+                                                   get_if_exists=True).remote()
+        self.policy = self._deploy_policy()
+        self.learner = self._start_learner()
+        self.pool = self._start_pool()
+        self.metrics = MetricsSink(self.out, cfg.run_name)
+        from services.envs import make_env
+
+        self._task_env = make_env(cfg.env)
+
+    def _start_redis(self) -> str:
+        url = self.cfg.buffer.url or os.environ.get("REDIS_URL", "")
+        if url:
+            return url
+        from services.buffer import EmbeddedRedis
+
+        data_dir = self.cfg.buffer.data_dir or str(self.out / "redis")
+        self.redis = EmbeddedRedis(data_dir=data_dir)
+        return self.redis.start()
+
+    def _init_ray(self) -> None:
+        import ray
+
+        rc = self.cfg.ray
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if rc.address:
+            ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=True)
+        else:
+            ray.init(num_cpus=rc.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=rc.dashboard,
+                     dashboard_host=rc.dashboard_host, namespace=rc.namespace, log_to_driver=False)
+
+    def _deploy_policy(self):
+        from services.serving.app import deploy_policy
+
+        return deploy_policy(self.model_cfg, self.cfg.serving)
+
+    def _start_learner(self):
+        import ray
+
+        from services.learner_worker import LearnerWorker
+
+        c = self.cfg
+        gpus = c.learner.num_gpus
+        return ray.remote(LearnerWorker).options(
+            num_cpus=c.learner.num_cpus, num_gpus=gpus, name=f"proxmo-learner-{c.run_name}", max_restarts=0,
+        ).remote(self.model_cfg.path, c.learner, c.algorithm, c.loss, c.buffer, self.buffer_url, self.policy,
+                 str(self.out / "checkpoints"), checkpoint_every=c.checkpoint_every, dtype=c.model.dtype,
+                 torch_threads=max(1, int(round(c.learner.num_cpus))) if gpus == 0 else 0)
+
+    def _make_worker(self, wid: str):
+        import ray
+
+        c = self.cfg
+        return ray.remote(_RolloutActor).options(
+            num_cpus=c.rollout.num_cpus, resources=dict(c.rollout.resources), max_restarts=0,
+        ).remote(wid, c.env, c.rollout, c.sampling, self.model_cfg.path, self.policy, c.buffer, self.buffer_url,
+                 c.model.max_model_len)
+
+    def _start_pool(self):
+        from services.workers import WorkerPool
+
+        r = self.cfg.rollout
+        return WorkerPool(self._make_worker, r.num_workers, groups_per_chunk=max(r.envs_per_worker // r.group_size, 1),
+                          min_size=r.min_workers, max_size=r.max_workers)
+
+    # ------------------------------------------------------------------ stages
+
+    def assignments(self, iteration: int) -> list[Assignment]:
+        """Deterministic tasks of an iteration (same on resume); group ids are the idempotence keys."""
+        c = self.cfg
+        tasks = self._task_env.sample_tasks("train", c.learner.groups_per_batch, seed=c.seed * 1_000_003 + iteration)
+        return [Assignment(t, group_id=f"{c.run_name}/it{iteration}/g{j}") for j, t in enumerate(tasks)]
+
+    def evaluate(self, n: int | None = None) -> dict[str, float]:
+        c = self.cfg
+        tasks = self._task_env.sample_tasks(c.eval_split, n or c.eval_episodes, seed=c.seed + 7)
+        return eval_summary(self.pool.evaluate(tasks, greedy=c.eval_greedy))
+
+    def learn(self) -> dict[str, float]:
+        import ray
+
+        return ray.get(self.learner.train_iteration.remote(self.cfg.learner.groups_per_batch))
+
+    def autoscale(self, m: dict[str, float]) -> None:
+        """Requests from `proxmo scale` first; else, with rollout.autoscale, follow the learner's idle time."""
+        import ray
+
+        r = self.cfg.rollout
+        asked = ray.get(self.control.take_request.remote())
+        if asked is not None:
+            log.info("scaling rollout workers to %d (requested)", self.pool.scale(asked))
+        elif r.autoscale:
+            idle = m.get("time/learner_wait_s", 0.0) / max(m.get("time/learner_step_s", 1e-9), 1e-9)
+            if idle > 0.5 and self.pool.size() < r.max_workers:  # learner starves: more rollout
+                self.pool.scale(self.pool.size() + 1)
+            elif idle < 0.05 and m.get("buffer/depth", 0) > self.cfg.learner.groups_per_batch and self.pool.size() > r.min_workers:
+                self.pool.scale(self.pool.size() - 1)
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> dict[str, float]:
+        import ray
+
+        c = self.cfg
+        state_file = self.out / "run_state.json"
+        state: dict[str, Any] = json.loads(state_file.read_text()) if c.resume and state_file.is_file() else {}
+        start_it = 0
+        if c.resume and (self.out / "checkpoints" / "latest").is_dir():
+            meta = ray.get(self.learner.resume.remote())
+            start_it = int(meta.get("iteration", 0))
+            log.info("resumed from iteration %d (policy version %s)", start_it, meta.get("version"))
+        if "success_before" not in state:
+            ev = self.evaluate()
+            state.update(success_before=ev["eval/success_rate"], eval_episodes=int(ev["eval/episodes"]))
+            self.metrics.log(start_it, ev)
+            state_file.write_text(json.dumps(state))
+        lag = c.max_policy_lag if c.mode == "async" else 0
+        rollouts: deque[tuple[int, cf.Future]] = deque()
+        next_it = start_it
+        with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") as ex:
+            bar = _progress(c.iterations, start_it)
+            for it in range(start_it, c.iterations):
+                t0 = time.perf_counter()
+                while next_it < c.iterations and next_it <= it + lag:  # rollout stage (ahead by lag)
+                    rollouts.append((next_it, ex.submit(self.pool.run, self.assignments(next_it))))
+                    next_it += 1
+                ro_it, fut = rollouts.popleft()
+                summaries = fut.result()
+                t1 = time.perf_counter()
+                m = self.learn()  # learn + publish + checkpoint/ack stages, in the learner actor
+                m.update(summarize(summaries))
+                m.update({"time/rollout_wait_s": t1 - t0, "time/iteration_s": time.perf_counter() - t0,
+                          "rollout/workers": float(self.pool.size()), "rollout/replaced": float(self.pool.replaced)})
+                if c.eval_every and (it + 1) % c.eval_every == 0 and it + 1 < c.iterations:
+                    m.update(self.evaluate())
+                self.metrics.log(it + 1, m)
+                self.control.set_status.remote({"iteration": it + 1, "workers": self.pool.size()})
+                self.autoscale(m)
+                _advance(bar, m)
+            _close(bar)
+        ray.get(self.learner.finish.remote())
+        ev = self.evaluate()
+        self.metrics.log(c.iterations, ev)
+        state.update(success_after=ev["eval/success_rate"])
+        state_file.write_text(json.dumps(state))
+        return {"success_before": state["success_before"], "success_after": state["success_after"],
+                "eval_episodes": int(ev["eval/episodes"])}
+
+    def close(self) -> None:
+        png = self.metrics.close() if self.metrics else None
+        if png:
+            log.info("learning curve: %s", png)
+        if self._task_env is not None:
+            self._task_env.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+        try:
+            import ray
+            from ray import serve
+
+            if ray.is_initialized() and not self.cfg.ray.address:
+                serve.shutdown()
+                ray.shutdown()
+        except Exception as exc:  # shutting down; report, don't mask the real error
+            log.warning("ray shutdown: %s", exc)
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def _progress(total: int, start: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, file=sys.stderr)
+    except ImportError:
+        return None
+
+
+def _advance(bar, m: dict[str, float]) -> None:
+    if bar is not None:
+        bar.set_postfix(success=f"{m.get('rollout/success_rate', 0):.2f}", v=int(m.get("policy_version", 0)))
+        bar.update(1)
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _parse(prog: str, argv: list[str], extra=None) -> tuple[argparse.Namespace, TrainConfig | None]:
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--config", default=None, help="YAML config file (dataclass tree of services/config.py)")
+    p.add_argument("--resume", action="store_true", help="continue from runs/<run_name>/checkpoints/latest")
+    if extra:
+        extra(p)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5 mode=async")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    try:
+        return args, load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return args, None
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("py4j", "httpx", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_main(argv: list[str]) -> int:
+    _, cfg = _parse("proxmo train", argv)
+    if cfg is None:
+        return 2
+    _logging()
+    run = TrainingRun(cfg)
+    try:
+        run.start()
+        result = run.train()
+    finally:
+        run.close()
+    print(f"run={run.out} checkpoint={run.out / 'checkpoints' / 'latest'} curve={run.out / 'learning_curve.png'}")
+    print(f"success_before={result['success_before']:.4f} success_after={result['success_after']:.4f} "
+          f"eval_episodes={result['eval_episodes']}")
+    return 0
+
+
+def eval_main(argv: list[str]) -> int:
+    """Success per task type on held-out tasks, for the model at model.path (or --checkpoint)."""
+    def extra(p):
+        p.add_argument("--checkpoint", default=None, help="HF folder to evaluate (default: model.path)")
+
+    args, cfg = _parse("proxmo eval", argv, extra)
+    if cfg is None:
+        return 2
+    _logging()
+    if args.checkpoint:
+        cfg = replace(cfg, model=replace(cfg.model, path=args.checkpoint, tiny=False))
+    run = TrainingRun(cfg)
+    try:
+        run.out.mkdir(parents=True, exist_ok=True)
+        run.model_cfg = cfg.model
+        run._init_ray()
+        run.buffer_url = ""
+        run.policy = run._deploy_policy()
+        run.pool = run._start_pool()
+        from services.envs import make_env
+
+        run._task_env = make_env(cfg.env)
+        ev = run.evaluate()
+    finally:
+        run.close()
+    for k, v in sorted(ev.items()):
+        print(f"{k}={v:.4f}")
+    print(f"success={ev['eval/success_rate']:.4f} eval_episodes={int(ev['eval/episodes'])}")
+    return 0
+
+
+def scale_main(argv: list[str]) -> int:
+    """Ask a running `proxmo train` to change its number of rollout workers."""
+    p = argparse.ArgumentParser(prog="proxmo scale")
+    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--run", default="quickstart", help="run_name of the training run")
+    p.add_argument("--address", default="auto", help="Ray address of the cluster the run uses")
+    p.add_argument("--namespace", default="proxmo")
+    args = p.parse_args(argv)
+    import ray
+
+    ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+    try:
+        control = ray.get_actor(f"{CONTROL_ACTOR}-{args.run}")
+    except ValueError:
+        print(f"proxmo scale: no running training run named {args.run!r} in namespace {args.namespace!r}",
+              file=sys.stderr)
+        return 1
+    n = ray.get(control.request_workers.remote(args.workers))
+    print(f"requested workers={n} status={ray.get(control.get_status.remote())}")
+    return 0

@@ -1,0 +1,268 @@
+"""The learner: episode groups in, one PPO-style policy update out.
+
+A plain class (the driver wraps it with ``ray.remote``), so a test can run it
+in-process. All advantage math is a call into :mod:`proxmo`; this module only
+moves data: it flattens :class:`~services.contracts.GroupRecord` s into rows,
+pads token sequences into micro-batches, computes token log-probs with the
+training model (and the frozen reference model for the KL term), and steps the
+optimizer.
+
+Departures from the paper setting, all configurable:
+- the importance ratio uses the *sampling* log-probs returned by the inference
+  engine as the old policy (they match a transformers forward pass to ~1e-6 on
+  the CPU build; see tests/integration/test_serving*). With
+  ``learner.recompute_old_logprobs`` they are recomputed by the learner instead.
+- rows of episodes flagged ``infra_failure`` are masked out of the advantage
+  statistics (proxmo ``mask``) and of the loss, instead of scoring 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from proxmo import AdvantageInputs, compute_advantages
+from proxmo.config import AdvantageConfig, LossConfig
+from proxmo.losses import policy_loss
+from services.config import LearnerConfig
+from services.contracts import GroupRecord, StepRecord
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_STATE = "trainer_state.pt"
+CHECKPOINT_META = "trainer_meta.json"
+
+
+@dataclass
+class Rows:
+    """A batch flattened to (trajectory, step) rows, aligned with proxmo inputs."""
+
+    inputs: AdvantageInputs
+    steps: list[StepRecord]
+    trainable: np.ndarray  # bool [N]: has response tokens and is not an infra failure
+
+
+def flatten_groups(groups: list[GroupRecord]) -> Rows:
+    """Groups -> rows; every step of every episode is one row (DESIGN.md)."""
+    group, traj, step, reward, valid, anchor, success, mask, steps = ([] for _ in range(9))
+    for g in groups:
+        for ei, ep in enumerate(g.episodes):
+            for si, s in enumerate(ep.steps):
+                group.append(g.group_id)
+                traj.append(f"{g.group_id}/{ei}")
+                step.append(si)
+                reward.append(float(s.reward))
+                valid.append(bool(s.valid))
+                anchor.append(s.observation)
+                success.append(bool(ep.won))
+                mask.append(not ep.infra_failure)
+                steps.append(s)
+    inputs = AdvantageInputs(group=group, traj=traj, step=step, reward=reward, valid=valid,
+                             anchor=anchor, success=success, mask=mask)
+    trainable = np.array([m and len(s.response_ids) > 0 for m, s in zip(mask, steps)], dtype=bool)
+    return Rows(inputs=inputs, steps=steps, trainable=trainable)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("learner.device=cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def _pad_batch(steps: list[StepRecord], device: torch.device):
+    """Right-padded prompt+response ids and the positions of response tokens.
+
+    Returns ids [B, L], attention [B, L], and for the shifted logits
+    (position t predicts token t+1) a response mask [B, L-1].
+    """
+    seqs = [np.concatenate([s.prompt_ids, s.response_ids]) for s in steps]
+    length = max(len(x) for x in seqs)
+    ids = torch.zeros((len(seqs), length), dtype=torch.long)
+    attn = torch.zeros((len(seqs), length), dtype=torch.long)
+    resp = torch.zeros((len(seqs), length - 1), dtype=torch.bool)
+    for i, (s, x) in enumerate(zip(steps, seqs)):
+        ids[i, : len(x)] = torch.from_numpy(x.astype(np.int64))
+        attn[i, : len(x)] = 1
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        resp[i, p - 1 : p - 1 + r] = True
+    return ids.to(device), attn.to(device), resp.to(device)
+
+
+def token_logprobs(model, ids, attn, with_entropy: bool = False):
+    """Log-prob of each next token [B, L-1] (and the policy entropy there)."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return chosen, entropy
+
+
+def _scatter_response(values: list[np.ndarray], resp: torch.Tensor) -> torch.Tensor:
+    """Place per-row response arrays at the response positions of a [B, L-1] tensor."""
+    out = torch.zeros(resp.shape, dtype=torch.float32, device=resp.device)
+    for i, v in enumerate(values):
+        idx = resp[i].nonzero(as_tuple=True)[0]
+        out[i, idx] = torch.as_tensor(np.asarray(v, dtype=np.float32), device=resp.device)
+    return out
+
+
+class Learner:
+    """Owns the policy being trained, its optimizer, and the frozen reference policy."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AdvantageConfig, loss: LossConfig,
+                 *, dtype: str = "float32"):
+        from transformers import AutoModelForCausalLM
+
+        if not Path(model_path, "config.json").is_file():
+            raise FileNotFoundError(f"model path {model_path!r} is not a Hugging Face model folder (no config.json)")
+        self.cfg, self.algorithm, self.loss_cfg = cfg, algorithm, loss
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        tdtype = getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=tdtype).to(self.device)
+        self.model.train()
+        self.ref_model = None
+        if loss.kl_coef > 0:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=tdtype).to(self.device)
+            self.ref_model.eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        warm = max(cfg.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+        self.step = 0  # optimizer updates committed
+        self.version = 0  # policy version served by the endpoint after the last publish
+
+    # ------------------------------------------------------------------ stages
+
+    def advantages(self, groups: list[GroupRecord]) -> tuple[Rows, Any]:
+        rows = flatten_groups(groups)
+        if not rows.steps:
+            raise ValueError("no rows to train on: every group is empty")
+        return rows, compute_advantages(rows.inputs, self.algorithm)
+
+    def update(self, groups: list[GroupRecord]) -> dict[str, float]:
+        """One optimizer step (per PPO epoch) on ``groups``. Returns metrics."""
+        t0 = time.perf_counter()
+        rows, adv = self.advantages(groups)
+        t_adv = time.perf_counter() - t0
+        idx = np.flatnonzero(rows.trainable)
+        metrics: dict[str, float] = {"rows": float(len(rows.steps)), "trainable_rows": float(len(idx))}
+        if len(idx) == 0:
+            log.warning("batch has no trainable rows (all infra failures or empty responses); skipping update")
+            return metrics | {"skipped": 1.0}
+        total_tokens = float(sum(len(rows.steps[i].response_ids) for i in idx))
+        for _ in range(self.cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            agg: dict[str, float] = {}
+            for start in range(0, len(idx), self.cfg.micro_batch_size):
+                mb = idx[start : start + self.cfg.micro_batch_size]
+                out, n_tok = self._micro_step([rows.steps[i] for i in mb], adv.advantages[mb], len(idx), total_tokens)
+                for k, v in out.items():
+                    agg[k] = agg.get(k, 0.0) + v * n_tok / total_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {self.step}; update refused")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+        metrics.update({f"loss/{k}": v for k, v in agg.items()})
+        metrics.update(_advantage_stats(adv, rows))
+        metrics.update({"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                        "time/advantage_s": t_adv, "time/update_s": time.perf_counter() - t0 - t_adv,
+                        "response_tokens": total_tokens})
+        return metrics
+
+    def _micro_step(self, steps: list[StepRecord], adv: np.ndarray, n_rows: int, total_tokens: float):
+        ids, attn, resp = _pad_batch(steps, self.device)
+        logp, entropy = token_logprobs(self.model, ids, attn, with_entropy=self.loss_cfg.entropy_coef > 0)
+        if self.cfg.recompute_old_logprobs:
+            old = logp.detach()
+        else:
+            old = _scatter_response([s.logprobs for s in steps], resp)
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref, _ = token_logprobs(self.ref_model, ids, attn)
+        adv_t = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
+        out = policy_loss(logp, old, adv_t, resp.float(), ref_logprobs=ref, entropy=entropy, cfg=self.loss_cfg)
+        n_tok = float(resp.sum())
+        # Token-mean over the whole batch: weight each micro-batch by its share of tokens
+        # (rows for sequence-mean aggregation), so the gradient does not depend on the split.
+        share = n_tok / total_tokens if self.loss_cfg.agg == "token-mean" else len(steps) / n_rows
+        (out.loss * share).backward()
+        return {"total": float(out.loss.detach()), **out.metrics}, n_tok
+
+    # ------------------------------------------------------------------ weights & checkpoints
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
+
+    def save_checkpoint(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """HF model folder + optimizer/scheduler/RNG state; written to a temp dir then renamed."""
+        final = Path(path)
+        tmp = final.with_name(final.name + ".tmp")
+        if tmp.exists():
+            _rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        torch.save({
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }, tmp / CHECKPOINT_STATE)
+        (tmp / CHECKPOINT_META).write_text(json.dumps({"step": self.step, "version": self.version, **(extra or {})}))
+        if final.exists():
+            _rmtree(final)
+        tmp.rename(final)
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        meta = json.loads((path / CHECKPOINT_META).read_text())
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(loaded.state_dict())
+        # Local trusted file written by save_checkpoint (never crosses the network).
+        state = torch.load(path / CHECKPOINT_STATE, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.step, self.version = int(meta["step"]), int(meta["version"])
+        return meta
+
+
+def _advantage_stats(adv, rows: Rows) -> dict[str, float]:
+    a = np.asarray(adv.advantages, dtype=np.float64)[rows.trainable]
+    out = {"adv/mean": float(a.mean()), "adv/std": float(a.std()), "adv/max": float(a.max()), "adv/min": float(a.min())}
+    for key in ("modulation_weight", "success_rate", "episode_adv", "step_adv"):
+        if key in adv.extras:
+            v = np.asarray(adv.extras[key], dtype=np.float64)[rows.trainable]
+            if v.size and np.all(np.isfinite(v)):
+                out[f"adv/{key}_mean"] = float(v.mean())
+    out["adv/nonzero_frac"] = float(np.mean(np.abs(a) > 1e-8))
+    return out
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=False)
+

@@ -1,0 +1,129 @@
+"""The learner actor: reads groups from the buffer, updates, publishes, checkpoints, acks.
+
+A plain class wrapping :class:`~services.learner.Learner` with its injected
+trajectory buffer and policy client; the driver makes it a Ray actor (on a GPU
+when the cluster has one). One call of :meth:`train_iteration` is the paper's
+iteration, as named stages:
+
+    collect (XREADGROUP, staleness rule) -> update (proxmo advantages + PPO)
+    -> publish (new version to every endpoint replica) -> checkpoint -> ack
+
+Records are acknowledged only after the checkpoint that contains their update
+is on disk (issue 3): a crash between the update and the checkpoint leaves them
+pending, and the restarted learner, resumed from the last checkpoint, consumes
+them again. Nothing is acked without its update, nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from proxmo.config import AdvantageConfig, LossConfig
+from services.config import BufferConfig, LearnerConfig
+from services.learner import Learner
+
+log = logging.getLogger(__name__)
+
+
+class LearnerWorker:
+    def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AdvantageConfig, loss: LossConfig,
+                 buffer_cfg: BufferConfig, buffer_url: str, policy, checkpoint_dir: str,
+                 *, checkpoint_every: int = 1, consumer: str = "learner-0", dtype: str = "float32",
+                 torch_threads: int = 0):
+        import torch
+
+        from services.buffer import TrajectoryBuffer
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.learner = Learner(model_path, cfg, algorithm, loss, dtype=dtype)
+        self.buffer = TrajectoryBuffer(buffer_cfg, buffer_url, consumer=consumer)
+        self.policy = policy
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_every = max(int(checkpoint_every), 1)
+        self.unacked: list[str] = []
+        self.iteration = 0
+        self.idle_seconds = 0.0
+        self.busy_seconds = 0.0
+
+    # ------------------------------------------------------------------ stages
+
+    def collect(self, n_groups: int, timeout_s: float) -> tuple[list[Any], list[str], dict[str, float]]:
+        """Read until ``n_groups`` fresh groups arrived; stale ones are dropped (and acked) by the buffer."""
+        groups, ids, dropped = [], [], 0
+        deadline = time.monotonic() + timeout_s
+        while len(groups) < n_groups:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"learner waited {timeout_s:.0f} s for {n_groups} groups, got {len(groups)}")
+            deliveries = self.buffer.read(n_groups - len(groups), block_ms=1000)
+            fresh, stale = self.buffer.split_stale(deliveries, self.learner.version)
+            dropped += len(stale)
+            groups.extend(d.group for d in fresh)
+            ids.extend(d.msg_id for d in fresh)
+        lags = [self.learner.version - g.policy_version for g in groups]
+        return groups, ids, {"buffer/dropped_stale": float(dropped), "staleness/mean": sum(lags) / len(lags),
+                             "staleness/max": float(max(lags))}
+
+    def publish(self, timeout_s: float = 300.0) -> float:
+        """Send the new weights to every replica and wait until all serve them."""
+        t0 = time.perf_counter()
+        self.learner.version += 1
+        self.policy.publish_weights(self.learner.state_dict(), self.learner.version)
+        self.policy.wait_for_version(self.learner.version, timeout_s)
+        return time.perf_counter() - t0
+
+    def checkpoint(self, extra: dict[str, Any] | None = None) -> Path:
+        path = self.learner.save_checkpoint(self.checkpoint_dir / "latest", {"iteration": self.iteration, **(extra or {})})
+        acked = self.buffer.ack(self.unacked) if self.unacked else 0
+        log.info("checkpoint %s (iteration %d); acked %d records", path, self.iteration, acked)
+        self.unacked = []
+        return path
+
+    # ------------------------------------------------------------------ one iteration
+
+    def train_iteration(self, n_groups: int, timeout_s: float = 600.0) -> dict[str, float]:
+        t0 = time.perf_counter()
+        groups, ids, m = self.collect(n_groups, timeout_s)
+        t1 = time.perf_counter()
+        m.update(self.learner.update(groups))
+        t2 = time.perf_counter()
+        m["time/weight_sync_s"] = self.publish()
+        self.unacked.extend(ids)
+        self.iteration += 1
+        if self.iteration % self.checkpoint_every == 0:
+            self.checkpoint()
+        t3 = time.perf_counter()
+        self.idle_seconds += t1 - t0
+        self.busy_seconds += t3 - t1
+        m.update({"time/learner_wait_s": t1 - t0, "time/learner_step_s": t2 - t1, "time/checkpoint_s": t3 - t2,
+                  "learner/idle_ratio": self.idle_seconds / max(self.idle_seconds + self.busy_seconds, 1e-9),
+                  "policy_version": float(self.learner.version), "learner/step": float(self.learner.step)})
+        m.update({f"buffer/{k}": float(v) for k, v in self.buffer.stats().items() if isinstance(v, (int, float))})
+        return m
+
+    # ------------------------------------------------------------------ control
+
+    def resume(self) -> dict[str, Any]:
+        """Load ``latest`` and republish its weights; pending records are re-read by the buffer."""
+        meta = self.learner.load_checkpoint(self.checkpoint_dir / "latest")
+        self.iteration = int(meta.get("iteration", 0))
+        self.policy.publish_weights(self.learner.state_dict(), self.learner.version)
+        self.policy.wait_for_version(self.learner.version, 300.0)
+        return meta
+
+    def publish_initial(self) -> int:
+        """Tell the endpoint which version the starting weights are (no weight transfer needed)."""
+        return self.learner.version
+
+    def finish(self) -> Path:
+        """Final checkpoint; acks whatever is still unacked."""
+        return self.checkpoint()
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def stats(self) -> dict[str, Any]:
+        return self.buffer.stats()

@@ -1,0 +1,236 @@
+"""Rollout worker: runs groups of G episodes on text environments against the policy endpoint.
+
+A plain class; the driver wraps it with ``ray.remote`` and injects the policy
+client and the trajectory buffer. Episodes of all groups it is running step in
+lockstep so that each turn is one batched request to the endpoint.
+
+Rules that keep the data exact (issue 6, issue 9):
+- a group is pushed to the buffer only when all G episodes are finished, as one
+  record, under the ``group_id`` of its assignment. A worker that dies
+  mid-episode pushes nothing; the driver re-runs the assignment under the same
+  ``group_id``, and the buffer's idempotent push never counts a group twice;
+- an invalid model output spends the turn without stepping the environment
+  (the observation stays, the step is penalised by the estimator);
+- an environment that raises or hangs marks its episode ``infra_failure`` (the
+  learner masks it out of group statistics instead of scoring it 0) and the
+  environment is recreated before its next episode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from services.config import EnvConfig, RolloutConfig, SamplingConfig
+from services.contracts import EpisodeRecord, GroupRecord, StepRecord
+from services.envs import EnvInfraError, GuardedEnv, Task, make_env
+from services.envs.protocol import build_messages, parse_action
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One task to run as a group; ``group_id`` is fixed by the driver (idempotence key)."""
+
+    task: Task
+    group_id: str
+    attempt: int = 0
+
+
+@dataclass
+class _Episode:
+    env: GuardedEnv
+    assignment: Assignment
+    index: int
+    observation: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    history: list[tuple[str, str]] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    won: bool = False
+    score: float = 0.0
+    done: bool = False
+    infra_failure: bool = False
+    failure_reason: str = ""
+
+
+@dataclass
+class GroupSummary:
+    group_id: str
+    task_id: str
+    task_type: str
+    episodes: int
+    steps: int
+    successes: int
+    invalid_steps: int
+    infra_failures: int
+    policy_version: int
+    pushed: bool
+
+
+class RolloutWorker:
+    def __init__(self, worker_id: str, env_cfg: EnvConfig, rollout_cfg: RolloutConfig, sampling: SamplingConfig,
+                 model_path: str, policy, buffer=None, max_model_len: int = 512):
+        from transformers import AutoTokenizer
+
+        self.worker_id = worker_id
+        self.env_cfg, self.cfg, self.sampling = env_cfg, rollout_cfg, sampling
+        self.policy, self.buffer = policy, buffer
+        self.max_model_len = max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._envs: list[GuardedEnv] = []
+        self.stats = {"env_steps": 0, "groups": 0, "episodes": 0, "infra_failures": 0, "env_seconds": 0.0,
+                      "policy_seconds": 0.0, "busy_seconds": 0.0}
+
+    def _env(self, i: int) -> GuardedEnv:
+        while len(self._envs) <= i:
+            self._envs.append(GuardedEnv(lambda: make_env(self.env_cfg), self.env_cfg.step_timeout_s))
+        return self._envs[i]
+
+    # ------------------------------------------------------------------ public
+
+    def run(self, assignments: list[Assignment], *, greedy: bool = False, push: bool = True) -> list[GroupSummary]:
+        """Run every assignment as a group of ``group_size`` episodes; push each finished group."""
+        t0 = time.perf_counter()
+        g = self.cfg.group_size
+        slots = max(self.cfg.envs_per_worker // g, 1)  # groups that run side by side
+        out: list[GroupSummary] = []
+        for start in range(0, len(assignments), slots):
+            wave = assignments[start : start + slots]
+            episodes = [_Episode(self._env(wi * g + k), a, k) for wi, a in enumerate(wave) for k in range(g)]
+            self._play(episodes, greedy)
+            for wi, a in enumerate(wave):
+                out.append(self._finish(a, episodes[wi * g : (wi + 1) * g], push))
+        self.stats["busy_seconds"] += time.perf_counter() - t0
+        return out
+
+    def episodes(self, tasks: list[Task], *, greedy: bool = True) -> list[EpisodeRecord]:
+        """Evaluation: one episode per task, nothing pushed."""
+        n = max(self.cfg.envs_per_worker, 1)
+        records: list[EpisodeRecord] = []
+        for start in range(0, len(tasks), n):
+            chunk = tasks[start : start + n]
+            eps = [_Episode(self._env(i), Assignment(t, group_id=f"eval-{t.task_id}"), 0) for i, t in enumerate(chunk)]
+            self._play(eps, greedy)
+            records.extend(self._record(e) for e in eps)
+        return records
+
+    def get_stats(self) -> dict[str, float]:
+        return dict(self.stats)
+
+    def close(self) -> None:
+        for env in self._envs:
+            env.close()
+
+    # ------------------------------------------------------------------ stages
+
+    def _play(self, episodes: list[_Episode], greedy: bool) -> None:
+        for ep in episodes:
+            self._reset(ep)
+        while True:
+            active = [e for e in episodes if not e.done]
+            if not active:
+                return
+            prompts, live = [], []
+            for ep in active:
+                ids = self._prompt_ids(ep)
+                if ids is None:
+                    continue
+                prompts.append(ids)
+                live.append(ep)
+            if not live:
+                continue
+            t0 = time.perf_counter()
+            sampling = replace(self.sampling, temperature=self.sampling.eval_temperature) if greedy else self.sampling
+            gens = self.policy.generate(prompts, sampling,
+                                        session_ids=[f"{e.assignment.group_id}/{e.index}" for e in live])
+            self.stats["policy_seconds"] += time.perf_counter() - t0
+            for ep, ids, gen in zip(live, prompts, gens):
+                self._act(ep, ids, gen)
+
+    def _reset(self, ep: _Episode) -> None:
+        t0 = time.perf_counter()
+        try:
+            ep.observation, ep.info = ep.env.reset(ep.assignment.task)
+        except EnvInfraError as exc:
+            self._fail(ep, f"reset: {exc}")
+        self.stats["env_seconds"] += time.perf_counter() - t0
+
+    def _prompt_ids(self, ep: _Episode) -> list[int] | None:
+        """Render the paper prompt; shorten history if it would not fit the context."""
+        budget = self.max_model_len - self.sampling.max_tokens
+        for k in range(self.env_cfg.history, -1, -1):
+            messages = build_messages(ep.info.get("task_description", ""), ep.history[-k:] if k else [],
+                                      ep.observation, ep.info.get("admissible_actions", []), len(ep.steps),
+                                      self.env_cfg)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget:
+                return ids
+        self._fail(ep, f"prompt of {len(ids)} tokens does not fit max_model_len={self.max_model_len}")
+        return None
+
+    def _act(self, ep: _Episode, prompt_ids: list[int], gen) -> None:
+        parsed = parse_action(gen.text, self.env_cfg.max_action_chars)
+        anchor = ep.observation
+        reward, done, info = 0.0, False, {}
+        if parsed.valid:
+            t0 = time.perf_counter()
+            try:
+                r = ep.env.step(parsed.action)
+            except EnvInfraError as exc:
+                self.stats["env_seconds"] += time.perf_counter() - t0
+                self._fail(ep, f"step {len(ep.steps)}: {exc}")
+                return
+            self.stats["env_seconds"] += time.perf_counter() - t0
+            self.stats["env_steps"] += 1
+            reward, done, info = float(r.reward), bool(r.done), dict(r.info)
+            ep.observation = r.observation
+            ep.info = {**ep.info, **info}
+            ep.won = ep.won or bool(info.get("won", False))
+            ep.score = float(info.get("score", ep.score))
+        ep.history.append((anchor, parsed.action if parsed.valid else gen.text[:80]))
+        ep.steps.append(StepRecord(
+            observation=anchor, action=parsed.action, reward=reward, valid=parsed.valid, done=done,
+            prompt_ids=np.asarray(prompt_ids, np.int32), response_ids=np.asarray(gen.token_ids, np.int32),
+            logprobs=np.asarray(gen.logprobs, np.float32), policy_version=int(gen.policy_version),
+            info={"admissible": len(info.get("admissible_actions", ep.info.get("admissible_actions", []))),
+                  "reason": parsed.reason} if not parsed.valid else {},
+        ))
+        if done or len(ep.steps) >= self.env_cfg.max_steps:
+            ep.done = True
+
+    def _fail(self, ep: _Episode, reason: str) -> None:
+        log.warning("worker %s: infrastructure failure in %s: %s", self.worker_id, ep.assignment.task.task_id, reason)
+        ep.infra_failure, ep.failure_reason, ep.done = True, reason, True
+        self.stats["infra_failures"] += 1
+
+    @staticmethod
+    def _record(ep: _Episode) -> EpisodeRecord:
+        return EpisodeRecord(steps=ep.steps, won=ep.won, score=ep.score,
+                             task_type=ep.info.get("task_type", ep.assignment.task.task_type),
+                             infra_failure=ep.infra_failure, failure_reason=ep.failure_reason)
+
+    def _finish(self, a: Assignment, eps: list[_Episode], push: bool) -> GroupSummary:
+        records = [self._record(e) for e in eps]
+        versions = [s.policy_version for e in records for s in e.steps]
+        group = GroupRecord(task_id=a.task.task_id, episodes=records, env_name=a.task.env_name,
+                            task_type=records[0].task_type or a.task.task_type, worker_id=self.worker_id,
+                            policy_version=min(versions) if versions else 0, group_id=a.group_id,
+                            finished_at=time.time())
+        pushed = False
+        if push and self.buffer is not None:
+            self.buffer.push(group)
+            pushed = True
+        self.stats["groups"] += 1
+        self.stats["episodes"] += len(records)
+        return GroupSummary(
+            group_id=a.group_id, task_id=a.task.task_id, task_type=group.task_type, episodes=len(records),
+            steps=sum(len(e.steps) for e in records), successes=sum(e.won for e in records),
+            invalid_steps=sum(not s.valid for e in records for s in e.steps),
+            infra_failures=sum(e.infra_failure for e in records), policy_version=group.policy_version,
+            pushed=pushed)
