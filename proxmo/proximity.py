@@ -12,10 +12,12 @@ Departures from the reference code (numbers unchanged up to float rounding):
 - TF-IDF (scikit-learn, ``TfidfVectorizer(max_features=1024)`` fit on all rows of the batch)
   is reproduced from counts of the distinct texts weighted by how often each occurs:
   term totals for the max_features cut, document frequencies and the idf are those of the
-  fit on all rows, bit for bit (same integer totals, same argsort, same float64 ops); only
-  the tokenising is done once per distinct text.
+  fit on all rows, bit for bit (same integer totals, same argsort, same float64 ops); the
+  normalised rows may differ in the last bit (order of the sum of squares). Only the
+  tokenising is done once per distinct text.
 - Featurizers are pluggable (``featurizer`` = "tfidf" or "module:attr" of a callable
-  ``(texts, counts, cfg) -> [U, D] array``; counts say how often each text occurs), e.g. sentence embeddings for semantic proximity.
+  ``(texts, counts, cfg) -> [U, D] array``; counts say how often each text occurs), e.g.
+  sentence embeddings for semantic proximity.
 - If no text yields a token (empty vocabulary, e.g. only empty strings or 1-char tokens)
   every feature is zero, all cosines are 0, and the baseline falls back to the group mean.
 """
@@ -51,21 +53,25 @@ def get_featurizer(name: str) -> Featurizer:
     raise ValueError(f"unknown featurizer {name!r}; known: {sorted(_FEATURIZERS)} or 'module:attr'")
 
 
-def tfidf_features(texts: list[str], counts: np.ndarray, max_features: int) -> np.ndarray:
-    """TF-IDF rows [U, V] of the distinct ``texts`` as fit on all rows (text u repeated counts[u] times).
+def tfidf_fit(texts: list[str], counts: np.ndarray, max_features: int | None):
+    """(terms [V], idf [V], term counts [U, V] sparse) of TfidfVectorizer(max_features) fit on all rows,
+    where distinct text u occurs counts[u] times. None when the vocabulary is empty.
 
-    Mirrors TfidfVectorizer defaults (lowercase, token_pattern, smooth_idf, l2 norm).
+    Mirrors TfidfVectorizer defaults (lowercase, token_pattern, smooth_idf).
     """
+    cv = CountVectorizer()
     try:
-        x = CountVectorizer().fit_transform(texts)  # vocabulary sorted by term, int64 counts
+        x = cv.fit_transform(texts)  # vocabulary sorted by term, int64 counts
     except ValueError:  # empty vocabulary: no text has a token of 2+ word characters
-        return np.zeros((len(texts), 1), dtype=np.float64)
+        return None
+    terms = cv.get_feature_names_out()
     mult = np.asarray(counts, dtype=np.int64)
     if max_features is not None and x.shape[1] > max_features:
         totals = np.asarray(x.T @ mult).ravel().astype(np.int64)  # term totals over all rows
         keep = np.zeros(x.shape[1], dtype=bool)
         keep[(-totals).argsort()[:max_features]] = True  # same call and dtype as scikit-learn
-        x = x[:, np.flatnonzero(keep)]
+        cols = np.flatnonzero(keep)
+        x, terms = x[:, cols], terms[cols]
     present = x.copy()
     present.data = np.ones_like(present.data)
     df = np.asarray(present.T @ mult).ravel().astype(np.float64)
@@ -74,6 +80,16 @@ def tfidf_features(texts: list[str], counts: np.ndarray, max_features: int) -> n
     idf /= df
     np.log(idf, out=idf)
     idf += 1.0
+    return terms, idf, x
+
+
+def tfidf_features(texts: list[str], counts: np.ndarray, max_features: int | None) -> np.ndarray:
+    """L2-normalised TF-IDF rows [U, V] of the distinct ``texts`` (see tfidf_fit); zeros [U, 1]
+    for an empty vocabulary."""
+    fit = tfidf_fit(texts, counts, max_features)
+    if fit is None:
+        return np.zeros((len(texts), 1), dtype=np.float64)
+    _, idf, x = fit
     x = x.astype(np.float64)
     x.data *= idf[x.indices]
     return normalize(x, norm="l2", copy=False).toarray()
