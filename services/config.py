@@ -118,9 +118,6 @@ class RolloutConfig:
     num_cpus: float = 0.25
     autoscale: bool = False  # scale on buffer depth / learner idle time
     resources: dict[str, float] = field(default_factory=dict)  # e.g. {"rollout": 0.01} on KubeRay
-    # Custom Ray resources per worker actor, e.g. {"rollout": 1} so that on KubeRay the
-    # actors land on the `rollout` worker group (k8s/ declares that resource there).
-    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
