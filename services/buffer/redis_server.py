@@ -27,10 +27,10 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from services.buffer.errors import RedisAuthError, RedisUnavailableError, redact_url
@@ -94,20 +94,24 @@ def connect_redis(
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries),
         decode_responses=False,
     )
+    # The health check retries by itself (below); redis-py's per-command retry
+    # would multiply the wait, so it is switched on only once PING has answered.
+    command_retry = client.get_retry()
+    client.set_retry(Retry(NoBackoff(), 0))
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while True:
         try:
             client.ping()
+            client.set_retry(command_retry)
             return client
         except redis.AuthenticationError as exc:
             client.close()
-            raise RedisAuthError(f"Redis at {redact_url(url)} rejected the password: {exc}") from exc
+            raise _auth_error(url, exc) from exc
         except redis.ResponseError as exc:
-            text = str(exc)
-            if "NOAUTH" in text or "WRONGPASS" in text or "invalid password" in text:
+            if any(k in str(exc) for k in ("NOAUTH", "WRONGPASS", "invalid password", "HELLO must be called")):
                 client.close()
-                raise RedisAuthError(f"Redis at {redact_url(url)} needs a (correct) password: {text}") from exc
+                raise _auth_error(url, exc) from exc
             raise
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             if time.monotonic() + delay > deadline:
@@ -117,6 +121,12 @@ def connect_redis(
                 ) from exc
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def _auth_error(url: str, exc: Exception) -> RedisAuthError:
+    if urlsplit(url).password:
+        return RedisAuthError(f"Redis at {redact_url(url)} rejected the password: {exc}")
+    return RedisAuthError(f"Redis at {redact_url(url)} requires a password; the URL has none ({exc})")
 
 
 _LIVE: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()

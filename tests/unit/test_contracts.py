@@ -1,0 +1,235 @@
+"""Round trips of the group record contract, and every kind of malformed record."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+import zstandard
+
+from services.buffer.synthetic import make_group, small_group
+from services.contracts import (
+    MAGIC,
+    SCHEMA_VERSION,
+    EpisodeRecord,
+    GroupRecord,
+    RecordError,
+    StepRecord,
+    decode_group,
+    encode_group,
+)
+
+
+def _assert_same(a: GroupRecord, b: GroupRecord) -> None:
+    for name in ("task_id", "env_name", "task_type", "worker_id", "policy_version", "group_id",
+                 "created_at", "finished_at", "schema_version"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert len(a.episodes) == len(b.episodes)
+    for ea, eb in zip(a.episodes, b.episodes, strict=True):
+        assert (ea.won, ea.score, ea.task_type, ea.infra_failure, ea.failure_reason) == (
+            eb.won, eb.score, eb.task_type, eb.infra_failure, eb.failure_reason)
+        assert len(ea.steps) == len(eb.steps)
+        for sa, sb in zip(ea.steps, eb.steps, strict=True):
+            assert (sa.observation, sa.action, sa.reward, sa.valid, sa.done, sa.policy_version, sa.info) == (
+                sb.observation, sb.action, sb.reward, sb.valid, sb.done, sb.policy_version, sb.info)
+            np.testing.assert_array_equal(sa.prompt_ids, sb.prompt_ids)
+            np.testing.assert_array_equal(sa.response_ids, sb.response_ids)
+            np.testing.assert_array_equal(sa.logprobs, sb.logprobs)
+            assert sb.prompt_ids.dtype == np.int32 and sb.logprobs.dtype == np.float32
+
+
+def _body(g: GroupRecord) -> dict:
+    """The msgpack body of an uncompressed encoding, for surgical corruption."""
+    data = encode_group(g, compress_min_bytes=1 << 40)
+    assert data[4] == 0
+    return msgpack.unpackb(data[5:], raw=False)
+
+
+def _pack(body: dict) -> bytes:
+    return MAGIC + b"\x00" + msgpack.packb(body, use_bin_type=True)
+
+
+def test_round_trip_small_uncompressed():
+    g = small_group(policy_version=3, seed=1)
+    g.episodes[1].infra_failure = True
+    g.episodes[1].failure_reason = "env step timed out"
+    g.finished_at = g.created_at + 1.5
+    data = encode_group(g, compress_min_bytes=1 << 40)
+    assert data[:4] == MAGIC and data[4] == 0
+    _assert_same(g, decode_group(data))
+
+
+def test_round_trip_realistic_group_is_compressed_and_smaller():
+    g = make_group(episodes=8, steps=50, prompt_tokens=1000)
+    data = encode_group(g)
+    raw = encode_group(g, compress_min_bytes=1 << 40)
+    assert data[4] == 1, "a 1.6 MB group with shared prompt prefixes should be stored compressed"
+    assert len(data) < len(raw) / 2
+    _assert_same(g, decode_group(data))
+
+
+def test_incompressible_payload_is_stored_raw():
+    rng = np.random.default_rng(0)
+    step = StepRecord("o", "a", 0.0, True, True, prompt_ids=rng.integers(0, 2**31 - 1, 4000),
+                      response_ids=np.zeros(2000, np.int32), logprobs=-rng.random(2000).astype(np.float32))
+    step.response_ids = rng.integers(0, 2**31 - 1, 2000).astype(np.int32)
+    g = GroupRecord("t", [EpisodeRecord([step])])
+    data = encode_group(g, compress_min_bytes=16)
+    assert data[4] == 0  # zstd would not shrink random 31-bit ids: no point paying to decompress
+    _assert_same(g, decode_group(data))
+
+
+def test_empty_steps_and_unicode_survive():
+    g = GroupRecord("täsk-✓", [EpisodeRecord(steps=[], infra_failure=True, failure_reason="crash ✗")])
+    _assert_same(g, decode_group(encode_group(g)))
+
+
+@pytest.mark.parametrize("cut", [0, 3, 5, 40, -1])
+def test_truncated(cut):
+    data = encode_group(small_group())
+    with pytest.raises(RecordError):
+        decode_group(data[:cut] if cut >= 0 else data[:-7])
+
+
+def test_truncated_compressed():
+    data = encode_group(make_group(episodes=2, steps=5, prompt_tokens=500))
+    assert data[4] == 1
+    with pytest.raises(RecordError, match="compressed"):
+        decode_group(data[: len(data) // 2])
+
+
+def test_wrong_magic_and_flags():
+    data = encode_group(small_group())
+    with pytest.raises(RecordError, match="magic"):
+        decode_group(b"XXXX" + data[4:])
+    with pytest.raises(RecordError, match="flags"):
+        decode_group(data[:4] + b"\x06" + data[5:])
+    with pytest.raises(RecordError, match="bytes"):
+        decode_group("not bytes")  # type: ignore[arg-type]
+
+
+def test_pickle_is_not_a_record():
+    import pickle
+
+    with pytest.raises(RecordError, match="magic"):
+        decode_group(pickle.dumps({"v": SCHEMA_VERSION}))
+
+
+@pytest.mark.parametrize("version", [0, SCHEMA_VERSION + 1, "1", None])
+def test_wrong_schema_version(version):
+    body = _body(small_group())
+    body["v"] = version
+    with pytest.raises(RecordError, match="schema version"):
+        decode_group(_pack(body))
+
+
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        (("task_id",), 7, "task_id"),
+        (("pv",), "3", "pv"),
+        (("pv",), True, "pv"),
+        (("eps",), {}, "eps"),
+        (("eps", 0, "won"), 1, "won"),
+        (("eps", 0, "steps", 0, "r"), "1.0", "steps\\[0\\].r"),
+        (("eps", 0, "steps", 0, "ok"), 1, "ok"),
+        (("eps", 0, "steps", 0, "p"), [1, 2, 3], "steps\\[0\\].p"),
+        (("eps", 0, "steps", 0, "i"), [1], "steps\\[0\\].i"),
+        (("eps", 0, "steps", 0, "q"), b"\x01\x00\x00", "multiple of 4"),
+    ],
+)
+def test_wrong_types(path, value, match):
+    body = _body(small_group())
+    node = body
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(RecordError, match=match):
+        decode_group(_pack(body))
+
+
+def test_missing_field():
+    body = _body(small_group())
+    del body["eps"][2]["steps"][1]["lp"]
+    with pytest.raises(RecordError, match="missing field 'lp'"):
+        decode_group(_pack(body))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_reward_rejected_on_both_sides(bad):
+    g = small_group()
+    g.episodes[0].steps[0].reward = bad
+    with pytest.raises(RecordError, match="reward: not finite"):
+        encode_group(g)
+    body = _body(small_group())
+    body["eps"][0]["steps"][0]["r"] = bad
+    with pytest.raises(RecordError, match="reward: not finite"):
+        decode_group(_pack(body))
+
+
+def test_non_finite_logprob_rejected():
+    g = small_group()
+    g.episodes[0].steps[1].logprobs[2] = np.nan
+    with pytest.raises(RecordError, match="logprobs: not all finite"):
+        encode_group(g)
+
+
+def test_mismatched_logprob_length_rejected_on_both_sides():
+    g = small_group()
+    g.episodes[0].steps[0].logprobs = np.zeros(3, np.float32)
+    with pytest.raises(RecordError, match="3 log-probs for 8 response tokens"):
+        encode_group(g)
+    body = _body(small_group())
+    body["eps"][0]["steps"][0]["lp"] = np.zeros(5, "<f4").tobytes()
+    with pytest.raises(RecordError, match="5 log-probs for 8 response tokens"):
+        decode_group(_pack(body))
+
+
+def test_token_ids_are_checked():
+    with pytest.raises(RecordError, match="outside"):
+        StepRecord("o", "a", 0.0, True, True, prompt_ids=np.array([1, 2**40], np.int64))
+    with pytest.raises(RecordError, match="1-D"):
+        StepRecord("o", "a", 0.0, True, True, prompt_ids=np.zeros((2, 3), np.int32))
+    with pytest.raises(RecordError, match="integers"):
+        StepRecord("o", "a", 0.0, True, True, response_ids=np.array([0.5]))
+    body = _body(small_group())
+    body["eps"][0]["steps"][0]["p"] = np.array([5, -1], "<i4").tobytes()
+    with pytest.raises(RecordError, match="negative token id"):
+        decode_group(_pack(body))
+
+
+def test_group_without_episodes_or_id():
+    with pytest.raises(RecordError, match="no episodes"):
+        encode_group(GroupRecord("t", []))
+    g = small_group()
+    g.group_id = ""
+    with pytest.raises(RecordError, match="group_id"):
+        encode_group(g)
+
+
+def test_unencodable_info_is_a_record_error():
+    g = small_group()
+    g.episodes[0].steps[0].info = {"obj": object()}
+    with pytest.raises(RecordError, match="cannot encode"):
+        encode_group(g)
+
+
+def test_oversized_record_rejected():
+    data = encode_group(make_group(episodes=2, steps=10, prompt_tokens=200), compress_min_bytes=1 << 40)
+    with pytest.raises(RecordError, match="exceeds the limit"):
+        decode_group(data, max_bytes=len(data) - 1)
+    decode_group(data, max_bytes=len(data))  # exactly at the limit is fine
+
+
+def test_decompression_bomb_rejected_before_allocation():
+    # A small compressed frame whose header says it expands to 64 MiB.
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(64 << 20))
+    assert len(bomb) < 100_000
+    with pytest.raises(RecordError, match="expands to 67108864 bytes"):
+        decode_group(MAGIC + b"\x01" + bomb, max_bytes=1 << 20)
+    # Without a size in the header the decompressor's own limit applies.
+    streamed = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(b"\x00" * (4 << 20))
+    with pytest.raises(RecordError, match="over-limit"):
+        decode_group(MAGIC + b"\x01" + streamed, max_bytes=1 << 20)
