@@ -96,7 +96,8 @@ def sft_train(model_dir: str | Path, examples: list[dict], cfg: SFTConfig, *, se
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+        val = loss.item()
+        ema = val if ema is None else 0.95 * ema + 0.05 * val
         if step % 50 == 0:
             log.info("sft step %d loss %.4f (%.0f s)", step, ema, time.perf_counter() - t0)
     out = Path(out_dir or model_dir)

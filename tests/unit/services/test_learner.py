@@ -1,0 +1,117 @@
+"""The learner on a real (tiny) transformers model: update, micro-batching, masking, exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from proxmo.config import AdvantageConfig, LossConfig
+from services.config import LearnerConfig
+from services.contracts import EpisodeRecord, GroupRecord, StepRecord
+from services.learner import Learner, _pad_batch, flatten_groups, token_logprobs
+
+CORPUS = [
+    "You are in the kitchen. You see a fridge, a table and a red apple.",
+    "take red apple | open fridge | put apple in fridge | look around | inventory",
+    "<think></think><action>take red apple</action>",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from services.serving.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny"), CORPUS, hidden=32, layers=2, heads=2,
+                                intermediate=64, max_position=128, seed=0))
+
+
+def _groups(model_dir: str, n_groups: int = 2, g: int = 3, seed: int = 0) -> list[GroupRecord]:
+    """Synthetic groups whose sampling log-probs come from the model itself (ratio 1 at the start)."""
+    from transformers import AutoModelForCausalLM
+
+    rng = np.random.default_rng(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    groups = []
+    for gi in range(n_groups):
+        eps = []
+        for e in range(g):
+            won = (gi + e) % 2 == 0
+            steps = []
+            for s in range(3):
+                prompt = rng.integers(5, vocab, size=int(rng.integers(6, 12))).astype(np.int32)
+                resp = rng.integers(5, vocab, size=int(rng.integers(2, 5))).astype(np.int32)
+                step = StepRecord(observation=f"room {s % 2}", action="take apple", reward=10.0 if (won and s == 2) else 0.0,
+                                  valid=(s != 1 or e != 0), done=(s == 2), prompt_ids=prompt, response_ids=resp)
+                ids, attn, mask = _pad_batch([step], torch.device("cpu"))
+                with torch.no_grad():
+                    lp, _ = token_logprobs(model, ids, attn)
+                step.logprobs = lp[0][mask[0]].numpy().astype(np.float32)
+                steps.append(step)
+            eps.append(EpisodeRecord(steps=steps, won=won))
+        groups.append(GroupRecord(task_id=f"t{gi}", episodes=eps, group_id=f"g{gi}"))
+    return groups
+
+
+def _params(learner: Learner) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in learner.model.parameters()])
+
+
+def _learner(model_dir, **kw) -> Learner:
+    cfg = LearnerConfig(lr=1e-3, micro_batch_size=kw.pop("micro_batch_size", 4), seed=0, **kw)
+    return Learner(model_dir, cfg, AdvantageConfig(estimator="proxmo"), LossConfig())
+
+
+def test_update_changes_weights_and_reports(model_dir):
+    learner = _learner(model_dir)
+    before = _params(learner)
+    m = learner.update(_groups(model_dir))
+    assert learner.step == 1
+    assert not torch.equal(before, _params(learner))
+    for key in ("loss/total", "grad_norm", "adv/mean", "rows"):
+        assert np.isfinite(m[key]), key
+    assert m["rows"] == 2 * 3 * 3
+
+
+def test_microbatch_split_does_not_change_the_update(model_dir):
+    groups = _groups(model_dir)
+    a, b = _learner(model_dir, micro_batch_size=1), _learner(model_dir, micro_batch_size=64)
+    a.update(groups)
+    b.update(groups)
+    assert torch.allclose(_params(a), _params(b), atol=1e-6)
+
+
+def test_infra_failure_rows_are_masked(model_dir):
+    groups = _groups(model_dir)
+    groups[0].episodes[1].infra_failure = True
+    rows = flatten_groups(groups)
+    failed = {"g0/1"}
+    for traj, trainable in zip(rows.inputs.traj, rows.trainable):
+        assert trainable == (traj not in failed)
+
+
+def test_resume_continues_exactly(model_dir, tmp_path):
+    groups1, groups2 = _groups(model_dir, seed=1), _groups(model_dir, seed=2)
+    a = _learner(model_dir)
+    a.update(groups1)
+    a.version = 1
+    a.save_checkpoint(tmp_path / "ckpt", {"iteration": 1})
+    a.update(groups2)
+    b = _learner(model_dir)
+    meta = b.load_checkpoint(tmp_path / "ckpt")
+    assert meta["iteration"] == 1 and b.step == 1 and b.version == 1
+    b.update(groups2)
+    assert torch.equal(_params(a), _params(b))  # optimizer moments and RNG restored too
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        _learner(str(tmp_path / "nothing"))
+
+
+def test_non_finite_rewards_are_refused(model_dir):
+    groups = _groups(model_dir)
+    groups[0].episodes[0].steps[0].reward = float("nan")
+    with pytest.raises(ValueError):
+        _learner(model_dir).update(groups)
