@@ -122,7 +122,7 @@ class TextEnv(ABC):
             raise TaskError("step() after the episode ended; call reset()")
         action = (action or "").strip()
         raw = self._canon.get(action.lower(), action)
-        was_admissible = (action.lower() in self._canon) if self._canon else None
+        was_admissible = self.is_admissible(action.lower())
         obs, info = self._step(raw)
         self._steps += 1
         won = bool(info.get("won", False))
@@ -142,6 +142,10 @@ class TextEnv(ABC):
         info.setdefault("score", 0.0)
         info.pop("done", None)
         return StepResult(obs, WIN_REWARD if won else 0.0, self._done, info)
+
+    def is_admissible(self, action: str) -> bool | None:
+        """Whether the lowercased ``action`` is in the current list (None: the env gives no list)."""
+        return (action in self._canon) if self._canon else None
 
     @property
     def steps(self) -> int:
