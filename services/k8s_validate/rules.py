@@ -1,0 +1,624 @@
+"""Rules that no schema expresses but that decide whether a deployment works.
+
+KubeRay enforces some of these only when it reconciles (a bad RayJob is accepted by
+the API server and fails minutes later); others are this project's contract
+between the manifests, the config tree and the code (the learner needs a GPU where
+it is scheduled; rollout actors need the custom resource a worker group advertises);
+the rest are the security promises of issue 9 (no exposed dashboard, Redis only
+with a password from a Secret and behind a NetworkPolicy).
+
+Each rule yields one :class:`Check` per object it looked at, so a clean run reports
+what was checked, not only what failed.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .objects import (
+    GPU_KEY,
+    RAY_KINDS,
+    Group,
+    ceil_gpus,
+    cluster_spec,
+    container_mounts,
+    containers,
+    env_map,
+    groups,
+    is_redis_container,
+    name_of,
+    pod_templates,
+    quantity,
+    secret_env,
+    selector_matches,
+)
+from .schemas import load_serve_config
+
+
+@dataclass(frozen=True)
+class Check:
+    rule: str
+    target: str
+    errors: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass
+class Context:
+    """What the manifests must agree with: the versions pinned in pyproject.toml."""
+
+    ray_version: str
+    project_version: str
+    image_repo_suffix: str = "proxmo-ray"  # our image: <registry>/<...>/proxmo-ray:<tag>
+    config_mount: str = "/etc/proxmo"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tag_pattern(self) -> re.Pattern[str]:
+        return re.compile(rf"^{re.escape(self.project_version)}-ray{re.escape(self.ray_version)}-(cpu|cu\d+)$")
+
+
+OPT_IN = "proxmo.io/expose-outside-cluster"
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_NAME_LIMIT = {"RayCluster": 63, "RayJob": 57, "RayService": 57}
+
+
+def _check(rule: str, target: str, errors: list[str]) -> Check:
+    return Check(rule, target, tuple(errors))
+
+
+def _ray_docs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d.get("kind") in RAY_KINDS]
+
+
+def _opted_in(doc: dict[str, Any]) -> bool:
+    return ((doc.get("metadata") or {}).get("annotations") or {}).get(OPT_IN) == "true"
+
+
+# --------------------------------------------------------------------------- KubeRay run-time rules
+
+
+def rule_replicas(docs, ctx) -> Iterator[Check]:
+    """minReplicas <= replicas <= maxReplicas, none negative (KubeRay rejects at reconcile)."""
+    for doc in _ray_docs(docs):
+        for g in groups(doc):
+            if g.is_head:
+                continue
+            errors = []
+            lo, hi, n = g.spec.get("minReplicas"), g.spec.get("maxReplicas"), g.spec.get("replicas")
+            if lo is None or hi is None:
+                errors.append("minReplicas and maxReplicas must both be set")
+            elif lo < 0 or hi < 0:
+                errors.append(f"negative replicas (min {lo}, max {hi})")
+            elif lo > hi:
+                errors.append(f"minReplicas {lo} > maxReplicas {hi}")
+            elif n is not None and not lo <= n <= hi:
+                errors.append(f"replicas {n} outside [{lo}, {hi}]")
+            yield _check("replicas", g.where, errors)
+
+
+def rule_submission(docs, ctx) -> Iterator[Check]:
+    """A RayJob the operator will actually submit and clean up."""
+    for doc in docs:
+        if doc.get("kind") != "RayJob":
+            continue
+        spec, errors = doc.get("spec") or {}, []
+        mode = spec.get("submissionMode", "K8sJobMode")
+        if mode not in SUBMISSION_MODES:
+            errors.append(f"submissionMode {mode!r} is not one of {list(SUBMISSION_MODES)}")
+        if mode != "InteractiveMode" and not str(spec.get("entrypoint", "")).strip():
+            errors.append(f"submissionMode {mode} needs an entrypoint")
+        if mode == "SidecarMode" and (spec.get("submitterPodTemplate") or spec.get("submitterConfig")):
+            errors.append("SidecarMode does not take submitterPodTemplate/submitterConfig")
+        if bool(spec.get("rayClusterSpec")) == bool(spec.get("clusterSelector")):
+            errors.append("exactly one of rayClusterSpec and clusterSelector must be set")
+        if spec.get("rayClusterSpec") and not spec.get("shutdownAfterJobFinishes"):
+            errors.append("shutdownAfterJobFinishes must be true: a finished training job must release its GPUs")
+        if spec.get("ttlSecondsAfterFinished", 0) < 0:
+            errors.append("ttlSecondsAfterFinished must be >= 0")
+        if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
+            errors.append("a suspended RayJob needs shutdownAfterJobFinishes: true")
+        yield _check("submission", name_of(doc), errors)
+
+
+def rule_autoscaling(docs, ctx) -> Iterator[Check]:
+    """In-tree autoscaling on, and the rollout group free to grow (issue 7)."""
+    for doc in _ray_docs(docs):
+        spec, errors = cluster_spec(doc) or {}, []
+        if spec.get("enableInTreeAutoscaling") is not True:
+            errors.append("enableInTreeAutoscaling must be true")
+        idle = (spec.get("autoscalerOptions") or {}).get("idleTimeoutSeconds", 0)
+        if idle < 0:
+            errors.append("autoscalerOptions.idleTimeoutSeconds must be >= 0")
+        for g in groups(doc):
+            if g.spec.get("suspend") and spec.get("enableInTreeAutoscaling"):
+                errors.append(f"group {g.name} cannot be suspended with the autoscaler on")
+            if g.name == "rollout" and g.spec.get("maxReplicas", 0) <= g.spec.get("minReplicas", 0):
+                errors.append("the rollout group must be able to scale (maxReplicas > minReplicas)")
+        yield _check("autoscaling", name_of(doc), errors)
+
+
+def rule_operator(docs, ctx) -> Iterator[Check]:
+    """Checks KubeRay makes only when it reconciles (names, rayStartParams, GCS FT env)."""
+    for doc in _ray_docs(docs):
+        errors, kind = [], doc["kind"]
+        name = str((doc.get("metadata") or {}).get("name", ""))
+        if not _DNS1035.match(name) or len(name) > _NAME_LIMIT[kind]:
+            errors.append(f"name {name!r} must be a DNS-1035 label of at most {_NAME_LIMIT[kind]} characters")
+        spec = cluster_spec(doc) or {}
+        for g in groups(doc):
+            params = g.spec.get("rayStartParams") or {}
+            if "labels" in params:
+                errors.append(f"group {g.name}: rayStartParams.labels is not supported (use the labels field)")
+            if g.spec.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
+                errors.append(f"group {g.name}: resources set both in rayStartParams and the resources field")
+            try:
+                g.custom_resources()
+            except (ValueError, TypeError) as exc:
+                errors.append(f"group {g.name}: rayStartParams.resources is not a JSON object string: {exc}")
+            if not g.is_head and not _DNS1123.match(g.name):
+                errors.append(f"group name {g.name!r} must be a DNS-1123 label")
+        if spec.get("gcsFaultToleranceOptions"):
+            head = groups(doc)[0]
+            env = env_map(head.ray_container)
+            for var in ("REDIS_PASSWORD", "RAY_REDIS_ADDRESS"):
+                if var in env:
+                    errors.append(f"head env {var} conflicts with gcsFaultToleranceOptions (KubeRay rejects it)")
+            if (head.spec.get("rayStartParams") or {}).get("redis-password"):
+                errors.append("rayStartParams.redis-password conflicts with gcsFaultToleranceOptions")
+        yield _check("operator", name_of(doc), errors)
+
+
+# --------------------------------------------------------------------------- project contract
+
+
+def _config_of(doc, docs, ctx) -> tuple[Any, list[str]]:
+    """The TrainConfig mounted into a Ray CR's head (loaded with services.config)."""
+    from services.config import ConfigError, load_config
+
+    head = groups(doc)[0] if groups(doc) else None
+    if head is None:
+        return None, ["no head group"]
+    volume = head.mounts().get(ctx.config_mount)
+    if volume is None or "configMap" not in volume:
+        return None, [f"head does not mount a ConfigMap at {ctx.config_mount}"]
+    cm_name = volume["configMap"].get("name")
+    cms = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"].get("name") == cm_name]
+    if not cms:
+        return None, [f"ConfigMap {cm_name} is not part of this rendering"]
+    text = (cms[0].get("data") or {}).get("config.yaml")
+    if text is None:
+        return None, [f"ConfigMap {cm_name} has no key config.yaml"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        try:
+            return load_config(path), []
+        except ConfigError as exc:
+            return None, [f"ConfigMap {cm_name}: {exc}"]
+
+
+def rule_config(docs, ctx) -> Iterator[Check]:
+    """The mounted config loads and is set up for a cluster (Ray address, Redis URL)."""
+    for doc in _ray_docs(docs):
+        cfg, errors = _config_of(doc, docs, ctx)
+        head = groups(doc)[0]
+        if cfg is not None:
+            if doc["kind"] != "RayService" and not cfg.ray.address:
+                errors.append("config ray.address is empty: the driver would start its own local Ray")
+            has_url = "REDIS_URL" in env_map(head.ray_container)
+            if doc["kind"] != "RayService" and not cfg.buffer.url and not has_url:
+                errors.append("no buffer Redis: config buffer.url is empty and the head has no REDIS_URL "
+                              "(an embedded Redis on the head is unreachable from rollout pods)")
+        if doc["kind"] == "RayJob":
+            args = shlex.split(str((doc.get("spec") or {}).get("entrypoint", "")))
+            if "--config" in args:
+                path = args[args.index("--config") + 1] if args.index("--config") + 1 < len(args) else ""
+                if not path.startswith(ctx.config_mount.rstrip("/") + "/"):
+                    errors.append(f"entrypoint --config {path!r} is not under the mounted {ctx.config_mount}")
+        yield _check("config", name_of(doc), errors)
+
+
+def rule_custom_resources(docs, ctx) -> Iterator[Check]:
+    """Every custom resource rollout actors request is advertised by some worker group."""
+    for doc in _ray_docs(docs):
+        if doc["kind"] == "RayService":
+            continue
+        cfg, errors = _config_of(doc, docs, ctx)
+        if cfg is None:
+            continue  # reported by rule_config
+        advertised: dict[str, float] = {}
+        for g in groups(doc):
+            try:
+                for k, v in g.custom_resources().items():
+                    advertised[k] = max(advertised.get(k, 0.0), v)
+            except (ValueError, TypeError):
+                pass  # reported by rule_operator
+        for key, need in cfg.rollout.resources.items():
+            if advertised.get(key, 0.0) < need:
+                errors.append(f"rollout actors need resource {key}={need} but no worker group advertises it")
+        yield _check("custom-resources", name_of(doc), errors)
+
+
+def _gpu_groups(doc) -> list[Group]:
+    return [g for g in groups(doc) if g.gpus_per_pod() > 0]
+
+
+def rule_gpu(docs, ctx) -> Iterator[Check]:
+    """GPUs exist (as limits) where the learner and the policy replicas are scheduled."""
+    for tpl in pod_templates(docs):
+        errors = []
+        for c in containers(tpl.spec):
+            res = c.get("resources") or {}
+            req, lim = (res.get("requests") or {}).get(GPU_KEY), (res.get("limits") or {}).get(GPU_KEY)
+            if req is not None and lim is None:
+                errors.append(f"container {c.get('name')}: {GPU_KEY} in requests but not in limits")
+            elif req is not None and quantity(req) != quantity(lim):
+                errors.append(f"container {c.get('name')}: {GPU_KEY} requests != limits")
+            tag = str(c.get("image", "")).rsplit(":", 1)[-1]
+            if lim is not None and quantity(lim) > 0 and tag.endswith("-cpu"):
+                errors.append(f"container {c.get('name')}: GPU limit with the CPU image ({tag})")
+        yield _check("gpu", tpl.where, errors)
+    for doc in _ray_docs(docs):
+        errors = []
+        for g in groups(doc):
+            declared = (g.spec.get("rayStartParams") or {}).get("num-gpus")
+            if declared is not None and float(declared) > g.gpus_per_pod():
+                errors.append(f"group {g.name}: rayStartParams num-gpus {declared} but {GPU_KEY} limit "
+                              f"{g.gpus_per_pod():g}")
+        capacity = sum(g.gpus_per_pod() * int(g.spec.get("maxReplicas", 0)) for g in _gpu_groups(doc))
+        per_pod = max([g.gpus_per_pod() for g in _gpu_groups(doc)] or [0.0])
+        needs: list[tuple[str, float, float]] = []  # (what, per actor, total)
+        if doc["kind"] == "RayService":
+            for app in load_serve_config(doc).get("applications") or []:
+                for dep in app.get("deployments") or []:
+                    gpus = float((dep.get("ray_actor_options") or {}).get("num_gpus", 0) or 0)
+                    auto = dep.get("autoscaling_config") or {}
+                    n = auto.get("max_replicas", dep.get("num_replicas", 1))
+                    needs.append((f"deployment {dep.get('name')}", gpus, gpus * (n if isinstance(n, int) else 1)))
+        else:
+            cfg, _ = _config_of(doc, docs, ctx)
+            if cfg is not None:
+                needs.append(("learner", cfg.learner.num_gpus, cfg.learner.num_gpus))
+                s = cfg.serving
+                needs.append(("policy replicas", s.num_gpus, s.num_gpus * s.min_replicas))
+        for what, each, _total in needs:
+            if each > 0 and per_pod < ceil_gpus(each) and not (each < 1 and per_pod > 0):
+                errors.append(f"{what} needs {each:g} GPU per actor but no worker group has {GPU_KEY} limits "
+                              f"that large (largest: {per_pod:g})")
+        total_need = sum(t for _, _, t in needs)
+        if total_need > capacity + 1e-9:
+            errors.append(f"needs {total_need:g} GPUs at once but GPU groups hold at most {capacity:g}")
+        yield _check("gpu", name_of(doc), errors)
+
+
+def rule_checkpoints(docs, ctx) -> Iterator[Check]:
+    """Checkpoints live on a PersistentVolumeClaim wherever they are written or read."""
+    for doc in _ray_docs(docs):
+        errors = []
+        if doc["kind"] == "RayService":
+            paths = [str((app.get("args") or {}).get("checkpoint", ""))
+                     for app in load_serve_config(doc).get("applications") or []]
+            where = [g for g in groups(doc) if not g.is_head]
+        else:
+            cfg, _ = _config_of(doc, docs, ctx)
+            if cfg is None:
+                continue
+            paths = [cfg.output_dir]
+            # written by the driver (head) and the learner (a GPU group, or any group on CPU)
+            where = [g for g in groups(doc) if g.is_head or g in _gpu_groups(doc)] or groups(doc)
+            if cfg.learner.num_gpus == 0:
+                where = [g for g in groups(doc) if g.is_head or g.name != "rollout"]
+        for path in paths:
+            if not path.startswith("/"):
+                errors.append(f"checkpoint path {path!r} must be absolute (a mount of a PVC)")
+                continue
+            for g in where:
+                backed = [m for m, vol in g.mounts().items()
+                          if (path + "/").startswith(m.rstrip("/") + "/") and "persistentVolumeClaim" in vol]
+                if not backed:
+                    errors.append(f"group {g.name}: {path} is not on a PersistentVolumeClaim mount")
+        claims = {d["metadata"]["name"] for d in docs if d.get("kind") == "PersistentVolumeClaim"}
+        for g in groups(doc):
+            for vol in g.mounts().values():
+                claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+                if claim and claim not in claims:
+                    errors.append(f"group {g.name}: PVC {claim} is not part of this rendering")
+        yield _check("checkpoints", name_of(doc), errors)
+
+
+def rule_image_version(docs, ctx) -> Iterator[Check]:
+    """Our image tag <-> rayVersion <-> the ray pin in pyproject.toml; other images pinned."""
+    for doc in _ray_docs(docs):
+        spec, errors = cluster_spec(doc) or {}, []
+        if str(spec.get("rayVersion")) != ctx.ray_version:
+            errors.append(f"rayVersion {spec.get('rayVersion')!r} != ray pinned in pyproject.toml ({ctx.ray_version})")
+        tags = set()
+        for g in groups(doc):
+            image = str(g.ray_container.get("image", ""))
+            repo, _, tag = image.rpartition(":")
+            if not repo.endswith("/" + ctx.image_repo_suffix) and repo != ctx.image_repo_suffix:
+                errors.append(f"group {g.name}: image {image!r} is not the project image (*/{ctx.image_repo_suffix})")
+            elif not ctx.tag_pattern.match(tag):
+                errors.append(f"group {g.name}: image tag {tag!r} must be "
+                              f"{ctx.project_version}-ray{ctx.ray_version}-(cpu|cuNNN)")
+            tags.add(tag)
+        if len(tags) > 1:
+            errors.append(f"head and workers use different image tags {sorted(tags)}")
+        yield _check("image-version", name_of(doc), errors)
+    for tpl in pod_templates(docs):
+        if tpl.owner.get("kind") in RAY_KINDS and not tpl.where.endswith("submitter"):
+            continue
+        errors = []
+        for c in containers(tpl.spec):
+            image = str(c.get("image", ""))
+            last = image.rsplit("/", 1)[-1]
+            if "@" not in last and (":" not in last or last.endswith(":latest")):
+                errors.append(f"container {c.get('name')}: image {image!r} needs a fixed tag (not latest)")
+        yield _check("image-version", tpl.where, errors)
+
+
+# --------------------------------------------------------------------------- resources and security
+
+
+def rule_resources(docs, ctx) -> Iterator[Check]:
+    """cpu and memory requests and limits on every container, requests <= limits."""
+    def check_one(label: str, res: dict[str, Any]) -> list[str]:
+        errs = []
+        for kind in ("requests", "limits"):
+            for key in ("cpu", "memory"):
+                if key not in (res.get(kind) or {}):
+                    errs.append(f"{label}: no {kind}.{key}")
+        for key, req in (res.get("requests") or {}).items():
+            lim = (res.get("limits") or {}).get(key)
+            try:
+                if lim is not None and quantity(req) > quantity(lim):
+                    errs.append(f"{label}: requests.{key} {req} > limits.{key} {lim}")
+            except ValueError as exc:
+                errs.append(f"{label}: {exc}")
+        return errs
+
+    for tpl in pod_templates(docs):
+        errors = []
+        for c in containers(tpl.spec):
+            errors += check_one(f"container {c.get('name')}", c.get("resources") or {})
+        yield _check("resources", tpl.where, errors)
+    for doc in _ray_docs(docs):
+        spec = cluster_spec(doc) or {}
+        if spec.get("enableInTreeAutoscaling"):
+            res = (spec.get("autoscalerOptions") or {}).get("resources") or {}
+            yield _check("resources", f"{name_of(doc)} autoscaler", check_one("autoscaler sidecar", res))
+
+
+def rule_security_context(docs, ctx) -> Iterator[Check]:
+    """Non-root, no privilege escalation, no host namespaces (issue 9)."""
+    for tpl in pod_templates(docs):
+        errors, pod_sc = [], tpl.spec.get("securityContext") or {}
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            if tpl.spec.get(key):
+                errors.append(f"{key} is not allowed")
+        for c in containers(tpl.spec):
+            sc = c.get("securityContext") or {}
+            if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+                errors.append(f"container {c.get('name')}: runAsNonRoot must be true")
+            if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+                errors.append(f"container {c.get('name')}: runAsUser 0")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                errors.append(f"container {c.get('name')}: allowPrivilegeEscalation must be false")
+            if sc.get("privileged"):
+                errors.append(f"container {c.get('name')}: privileged")
+        yield _check("security-context", tpl.where, errors)
+    for doc in _ray_docs(docs):
+        sc = ((cluster_spec(doc) or {}).get("autoscalerOptions") or {}).get("securityContext") or {}
+        errors = [] if sc.get("allowPrivilegeEscalation") is False and sc.get("runAsNonRoot") is True else \
+            ["autoscalerOptions.securityContext needs runAsNonRoot: true and allowPrivilegeEscalation: false"]
+        yield _check("security-context", f"{name_of(doc)} autoscaler", errors)
+
+
+def rule_exposure(docs, ctx) -> Iterator[Check]:
+    """Dashboard, Serve and Redis stay inside the cluster unless explicitly opted in."""
+    for doc in docs:
+        kind, spec, errors = doc.get("kind"), doc.get("spec") or {}, []
+        if kind == "Service":
+            if spec.get("type", "ClusterIP") != "ClusterIP" and not _opted_in(doc):
+                errors.append(f"Service type {spec.get('type')} exposes it outside the cluster "
+                              f"(annotate {OPT_IN}: \"true\" to opt in)")
+            if spec.get("externalIPs") and not _opted_in(doc):
+                errors.append("externalIPs without opt-in")
+        elif kind in ("Ingress", "Gateway", "HTTPRoute") and not _opted_in(doc):
+            errors.append(f"{kind} without the {OPT_IN} opt-in")
+        elif kind in RAY_KINDS:
+            cspec = cluster_spec(doc) or {}
+            head = cspec.get("headGroupSpec") or {}
+            if head.get("serviceType", "ClusterIP") != "ClusterIP" and not _opted_in(doc):
+                errors.append(f"headGroupSpec.serviceType {head.get('serviceType')} without opt-in")
+            if head.get("enableIngress") and not _opted_in(doc):
+                errors.append("headGroupSpec.enableIngress without opt-in")
+            svc_type = ((spec.get("serveService") or {}).get("spec") or {}).get("type", "ClusterIP")
+            if svc_type != "ClusterIP" and not _opted_in(doc):
+                errors.append(f"serveService type {svc_type} without opt-in")
+        else:
+            continue
+        yield _check("exposure", name_of(doc), errors)
+    for tpl in pod_templates(docs):
+        errors = [f"container {c.get('name')}: hostPort {p.get('hostPort')}"
+                  for c in containers(tpl.spec) for p in c.get("ports") or [] if p.get("hostPort")]
+        if errors and _opted_in(tpl.owner):
+            errors = []
+        yield _check("exposure", tpl.where, errors)
+
+
+_VAR_REF = re.compile(r"\$[({]?(\w+)")
+_URL_SECRET = re.compile(r"^rediss?://(?:[^:@/]*):\$\((\w+)\)@([^:/]+)")
+
+
+def rule_redis_auth(docs, ctx) -> Iterator[Check]:
+    """Redis servers require a password from a Secret; clients take it from a Secret."""
+    for tpl in pod_templates(docs):
+        errors = []
+        for c in containers(tpl.spec):
+            if is_redis_container(c):
+                text = " ".join(str(x) for x in (c.get("command") or []) + (c.get("args") or []))
+                after = text.partition("requirepass")[2]
+                placeholder = bool(re.match(r"""^\s*["']?(%s|\$)""", after))
+                refs = _VAR_REF.findall(after)
+                if "requirepass" not in text:
+                    errors.append(f"container {c.get('name')}: redis-server without requirepass")
+                elif not placeholder or not any(secret_env(c, r) for r in refs):
+                    errors.append(f"container {c.get('name')}: requirepass must come from an env var set "
+                                  "from a Secret (secretKeyRef), not a literal")
+                if "--appendonly yes" not in text:
+                    errors.append(f"container {c.get('name')}: AOF off (--appendonly yes)")
+                data = container_mounts(tpl.spec, c).get("/data")
+                if data is None or not ("persistentVolumeClaim" in data or data.get("name") in tpl.claim_templates):
+                    errors.append(f"container {c.get('name')}: /data is not on a PersistentVolume")
+            url = env_map(c).get("REDIS_URL")
+            if url is not None:
+                match = _URL_SECRET.match(str(url.get("value", "")))
+                if not match or not secret_env(c, match.group(1)):
+                    errors.append(f"container {c.get('name')}: REDIS_URL must be redis://:$(VAR)@host with VAR "
+                                  "from a Secret, never a literal password")
+        yield _check("redis-auth", tpl.where, errors)
+    for doc in docs:
+        if doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData")):
+            yield _check("redis-auth", name_of(doc), ["a Secret with data is committed; create it with kubectl"])
+
+
+def _redis_services(docs) -> dict[str, set[str]]:
+    """Service name -> names of the Redis workloads behind it."""
+    out: dict[str, set[str]] = {}
+    for svc in (d for d in docs if d.get("kind") == "Service"):
+        selector = (svc.get("spec") or {}).get("selector") or {}
+        for tpl in pod_templates(docs):
+            if selector and any(is_redis_container(c) for c in containers(tpl.spec)) \
+                    and selector_matches({"matchLabels": selector}, tpl.labels):
+                out.setdefault(svc["metadata"]["name"], set()).add(tpl.where)
+    return out
+
+
+def rule_redis_separation(docs, ctx) -> Iterator[Check]:
+    """The GCS fault-tolerance Redis is not the trajectory buffer's, and has a Secret password."""
+    services = _redis_services(docs)
+    buffer_backends: set[str] = set()
+    for tpl in pod_templates(docs):
+        for c in containers(tpl.spec):
+            match = _URL_SECRET.match(str((env_map(c).get("REDIS_URL") or {}).get("value", "")))
+            if match:
+                buffer_backends |= services.get(match.group(2).split(".")[0], {match.group(2)})
+    for doc in _ray_docs(docs):
+        ft = (cluster_spec(doc) or {}).get("gcsFaultToleranceOptions")
+        if not ft:
+            continue
+        errors = []
+        host = str(ft.get("redisAddress", "")).split("://")[-1].split(":")[0].split(".")[0]
+        backends = services.get(host, {host})
+        if backends & buffer_backends:
+            errors.append(f"GCS fault tolerance uses the trajectory-buffer Redis ({host}); use a separate one")
+        if not host:
+            errors.append("gcsFaultToleranceOptions.redisAddress is empty")
+        pw = ft.get("redisPassword") or {}
+        if not ((pw.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name"):
+            errors.append("gcsFaultToleranceOptions.redisPassword must be valueFrom.secretKeyRef")
+        yield _check("redis-separation", name_of(doc), errors)
+
+
+def rule_networkpolicy(docs, ctx) -> Iterator[Check]:
+    """Each Redis is reachable only from Ray pods, on its port, and those pods can reach it."""
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    ray_pods = [t for t in pod_templates(docs) if t.owner.get("kind") in RAY_KINDS]
+    for tpl in pod_templates(docs):
+        if not any(is_redis_container(c) for c in containers(tpl.spec)):
+            continue
+        errors = []
+        mine = [p for p in policies if selector_matches((p.get("spec") or {}).get("podSelector") or {}, tpl.labels)]
+        if not mine:
+            errors.append("no NetworkPolicy selects these Redis pods")
+        allowed: list[dict[str, Any]] = []
+        for pol in mine:
+            spec = pol.get("spec") or {}
+            if "Ingress" not in (spec.get("policyTypes") or ["Ingress"]):
+                errors.append(f"{name_of(pol)}: policyTypes lacks Ingress")
+            for i, rule in enumerate(spec.get("ingress") or []):
+                peers = rule.get("from") or []
+                if not peers:
+                    errors.append(f"{name_of(pol)} ingress[{i}]: no `from` (open to every source)")
+                for peer in peers:
+                    if set(peer) != {"podSelector"} or not (peer["podSelector"] or {}).get("matchLabels"):
+                        errors.append(f"{name_of(pol)} ingress[{i}]: peers must be labelled pod selectors "
+                                      f"(got {sorted(peer)})")
+                    else:
+                        allowed.append(peer["podSelector"])
+                ports = [p.get("port") for p in rule.get("ports") or []]
+                if not ports or any(p not in (6379, "redis") for p in ports):
+                    errors.append(f"{name_of(pol)} ingress[{i}]: ports must be exactly the Redis port, got {ports}")
+        for sel in allowed:
+            if not any(selector_matches(sel, t.labels) for t in ray_pods):
+                errors.append(f"allowed selector {sel.get('matchLabels')} matches no Ray pod")
+            if any(selector_matches(sel, t.labels) for t in pod_templates(docs) if t.owner.get("kind") not in RAY_KINDS):
+                errors.append(f"allowed selector {sel.get('matchLabels')} also matches non-Ray pods")
+        if allowed:
+            name = tpl.owner["metadata"]["name"]
+            for t in ray_pods:
+                for c in containers(t.spec):
+                    match = _URL_SECRET.match(str((env_map(c).get("REDIS_URL") or {}).get("value", "")))
+                    if match and match.group(2).split(".")[0] in _services_for(docs, tpl) and \
+                            not any(selector_matches(s, t.labels) for s in allowed):
+                        errors.append(f"{t.where} uses {name} but its labels are not allowed by the policy")
+        yield _check("networkpolicy", tpl.where, errors)
+
+
+def _services_for(docs, tpl) -> set[str]:
+    return {s for s, backends in _redis_services(docs).items() if tpl.where in backends}
+
+
+def rule_service_selectors(docs, ctx) -> Iterator[Check]:
+    """Each Service selects pods that this rendering creates (a typo leaves it empty)."""
+    templates = list(pod_templates(docs))
+    for svc in (d for d in docs if d.get("kind") == "Service"):
+        selector = (svc.get("spec") or {}).get("selector") or {}
+        errors = []
+        if selector and not any(selector_matches({"matchLabels": selector}, t.labels) for t in templates):
+            errors.append(f"selector {selector} matches no pod template")
+        yield _check("service-selectors", name_of(svc), errors)
+
+
+RULES: list[tuple[str, Callable[..., Iterator[Check]]]] = [
+    ("service-selectors", rule_service_selectors),
+    ("replicas", rule_replicas),
+    ("submission", rule_submission),
+    ("autoscaling", rule_autoscaling),
+    ("operator", rule_operator),
+    ("config", rule_config),
+    ("custom-resources", rule_custom_resources),
+    ("gpu", rule_gpu),
+    ("checkpoints", rule_checkpoints),
+    ("image-version", rule_image_version),
+    ("resources", rule_resources),
+    ("security-context", rule_security_context),
+    ("exposure", rule_exposure),
+    ("redis-auth", rule_redis_auth),
+    ("redis-separation", rule_redis_separation),
+    ("networkpolicy", rule_networkpolicy),
+]
+
+
+def run_rules(docs: list[dict[str, Any]], ctx: Context) -> list[Check]:
+    """Every rule over one rendering. A rule that crashes is a failed check, not a crash."""
+    out: list[Check] = []
+    for name, fn in RULES:
+        try:
+            out.extend(fn(docs, ctx))
+        except Exception as exc:  # a malformed object must be reported, not abort the run
+            out.append(Check(name, "<rendering>", (f"rule crashed on malformed input: {type(exc).__name__}: {exc}",)))
+    return out
