@@ -103,6 +103,9 @@ class TrainingRun:
         self.out = Path(cfg.output_dir) / cfg.run_name
         self.redis = None
         self.policy = None
+        self.deployment = None
+        self._owns_deployment = False
+        self._owns_ray = False
         self.learner = None
         self.pool = None
         self.control = None
@@ -111,7 +114,8 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ start-up
 
-    def start(self) -> None:
+    def start(self, deployment=None) -> None:
+        """Bring every component up; ``deployment`` injects an already running policy app (tests)."""
         import ray
 
         from services.metrics import MetricsSink
@@ -126,7 +130,10 @@ class TrainingRun:
         self._init_ray()
         self.control = ray.remote(Control).options(name=f"{CONTROL_ACTOR}-{cfg.run_name}", num_cpus=0,
                                                    get_if_exists=True).remote()
-        self.policy = self._deploy_policy()
+        if deployment is None:
+            self.policy = self._deploy_policy()
+        else:
+            self.policy = self._client_of(deployment)
         self.learner = self._start_learner()
         self.pool = self._start_pool()
         self.metrics = MetricsSink(self.out, cfg.run_name)
@@ -150,6 +157,7 @@ class TrainingRun:
         rc = self.cfg.ray
         if ray.is_initialized():
             return
+        self._owns_ray = True
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if rc.address:
             ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=True)
@@ -157,10 +165,21 @@ class TrainingRun:
             ray.init(num_cpus=rc.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=rc.dashboard,
                      dashboard_host=rc.dashboard_host, namespace=rc.namespace, log_to_driver=False)
 
-    def _deploy_policy(self):
+    def _deploy_policy(self, port: int | None = None):
+        """Start the endpoint; actors get a copy of its client without the driver-side scaler."""
         from services.serving.app import deploy_policy
 
-        return deploy_policy(self.model_cfg, self.cfg.serving)
+        self.deployment = deploy_policy(self.model_cfg, self.cfg.serving, port=port)
+        self._owns_deployment = True
+        return self._client_of(self.deployment)
+
+    def _client_of(self, deployment):
+        import copy
+
+        self.deployment = deployment
+        client = copy.copy(deployment.client)
+        client.scaler = None
+        return client
 
     def _start_learner(self):
         import ray
@@ -237,6 +256,7 @@ class TrainingRun:
             meta = ray.get(self.learner.resume.remote())
             start_it = int(meta.get("iteration", 0))
             log.info("resumed from iteration %d (policy version %s)", start_it, meta.get("version"))
+        ray.get(self.learner.sync_endpoint.remote())
         if "success_before" not in state:
             ev = self.evaluate()
             state.update(success_before=ev["eval/success_rate"], eval_episodes=int(ev["eval/episodes"]))
@@ -286,7 +306,9 @@ class TrainingRun:
             import ray
             from ray import serve
 
-            if ray.is_initialized() and not self.cfg.ray.address:
+            if self.deployment is not None and self._owns_deployment:
+                self.deployment.shutdown()
+            if ray.is_initialized() and self._owns_ray:
                 serve.shutdown()
                 ray.shutdown()
         except Exception as exc:  # shutting down; report, don't mask the real error

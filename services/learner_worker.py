@@ -107,15 +107,20 @@ class LearnerWorker:
     # ------------------------------------------------------------------ control
 
     def resume(self) -> dict[str, Any]:
-        """Load ``latest`` and republish its weights; pending records are re-read by the buffer."""
+        """Load ``latest``; pending (unacked) records are re-read by the buffer afterwards."""
         meta = self.learner.load_checkpoint(self.checkpoint_dir / "latest")
         self.iteration = int(meta.get("iteration", 0))
-        self.policy.publish_weights(self.learner.state_dict(), self.learner.version)
-        self.policy.wait_for_version(self.learner.version, 300.0)
         return meta
 
-    def publish_initial(self) -> int:
-        """Tell the endpoint which version the starting weights are (no weight transfer needed)."""
+    def sync_endpoint(self, timeout_s: float = 300.0) -> int:
+        """Publish the learner's current weights as a version newer than anything the endpoint served.
+
+        Called once before the first rollout (fresh start or resume), so the endpoint
+        serves exactly the weights the learner trains, whatever it held before.
+        """
+        served = max(self.policy.replica_versions().values(), default=0)
+        self.learner.version = max(self.learner.version, int(served))
+        self.publish(timeout_s)
         return self.learner.version
 
     def finish(self) -> Path:

@@ -1,0 +1,143 @@
+"""The main job end to end on real parts: Ray actors, the shared vLLM Serve endpoint, a real
+redis-server, TextWorldExpress games. Small sizes; the model is the untrained tiny model, so the
+point is the plumbing and the counts, not learning (that is `make run` / BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from services.config import load_config
+from services.driver import TrainingRun
+
+
+def _cfg(tmp_path, redis_url, model_dir, **over):
+    name = f"t{uuid.uuid4().hex[:8]}"
+    overrides = [
+        f"run_name={name}", f"output_dir={tmp_path}", "iterations=2", "eval_episodes=4", "checkpoint_every=1",
+        f"buffer.url={redis_url}", f"buffer.stream=train:{name}", "buffer.max_depth=16",
+        f"model.path={model_dir}", "model.tiny=false",
+        "env.max_steps=3", "rollout.group_size=2", "rollout.envs_per_worker=4", "rollout.num_workers=1",
+        "rollout.min_workers=1", "rollout.max_workers=3", "rollout.num_cpus=0.25",
+        "learner.groups_per_batch=2", "learner.micro_batch_size=16", "learner.num_cpus=0.5", "learner.lr=1e-4",
+        "sampling.max_tokens=12", "ray.dashboard=false",
+    ] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, overrides)
+
+
+def _run(cfg, policy_app, during=None):
+    run = TrainingRun(cfg)
+    try:
+        run.start(deployment=policy_app.deployment)
+        if during:
+            threading.Thread(target=during, args=(run,), daemon=True).start()
+        result = run.train()
+        stats = run.learner and __import__("ray").get(run.learner.stats.remote())
+        rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+        return run, result, stats, rows
+    finally:
+        run.close()
+
+
+def _assert_counts(stats, expected_groups):
+    # Every group produced once, consumed once, acked after its checkpoint: nothing lost, nothing twice.
+    assert stats["produced"] == expected_groups, stats
+    assert stats["acked"] + stats["dead"] + stats["dropped_stale"] == stats["produced"], stats
+    assert stats["pending"] == 0 and stats["depth"] == 0, stats
+
+
+@pytest.fixture
+def loop_env(tmp_path, redis_url, policy_app):
+    yield tmp_path, redis_url, policy_app
+    policy_app.restore_initial()
+
+
+def test_sync_training_commits_checkpoints_and_counts(loop_env):
+    tmp_path, redis_url, app = loop_env
+    cfg = _cfg(tmp_path, redis_url, app.model_dir)
+    run, result, stats, rows = _run(cfg, app)
+    _assert_counts(stats, expected_groups=2 * 2)
+    ckpt = run.out / "checkpoints" / "latest"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
+    meta = json.loads((ckpt / "trainer_meta.json").read_text())
+    assert meta["iteration"] == 2 and meta["step"] == 2
+    train_rows = [r for r in rows if "policy_version" in r]
+    assert len(train_rows) == 2
+    assert all(r["staleness/max"] <= 0 for r in train_rows)  # sync: rollouts use the newest weights
+    assert 0.0 <= result["success_after"] <= 1.0 and result["eval_episodes"] == 4
+
+
+def test_async_mode_overlaps_within_the_lag_bound(loop_env):
+    tmp_path, redis_url, app = loop_env
+    cfg = _cfg(tmp_path, redis_url, app.model_dir, mode="async", max_policy_lag=1, iterations=3)
+    _, _, stats, rows = _run(cfg, app)
+    _assert_counts(stats, expected_groups=3 * 2)
+    train_rows = [r for r in rows if "policy_version" in r]
+    assert len(train_rows) == 3
+    assert max(r["staleness/max"] for r in train_rows) <= 1
+
+
+def test_scale_workers_up_and_down_mid_run(loop_env):
+    import ray
+
+    tmp_path, redis_url, app = loop_env
+    cfg = _cfg(tmp_path, redis_url, app.model_dir, iterations=4)
+    asks = iter([3, 1])
+
+    def scaler(run):
+        # Ask through the named control actor, as `proxmo scale` does from another process.
+        control = ray.get_actor(f"proxmo-control-{cfg.run_name}")
+        seen = 0
+        while seen < 2:
+            status = ray.get(control.get_status.remote())
+            if status.get("iteration", 0) > seen:
+                ray.get(control.request_workers.remote(next(asks)))
+                seen += 1
+            time.sleep(0.2)
+
+    _, _, stats, rows = _run(cfg, app, during=scaler)
+    _assert_counts(stats, expected_groups=4 * 2)
+    sizes = [r["rollout/workers"] for r in rows if "rollout/workers" in r]
+    assert 3.0 in sizes and sizes[-1] == 1.0, sizes
+
+
+def test_killed_worker_is_replaced_and_its_group_rerun_once(loop_env):
+    import ray
+
+    tmp_path, redis_url, app = loop_env
+    cfg = _cfg(tmp_path, redis_url, app.model_dir, iterations=2, **{"env.max_steps": 6})
+    killed = []
+
+    def killer(run):
+        # Kill the worker while its chunk is in flight (mid-episode).
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            busy = list(run.pool._busy)
+            if busy:
+                time.sleep(0.5)
+                ray.kill(run.pool.workers[busy[0]], no_restart=True)
+                killed.append(busy[0])
+            time.sleep(0.05)
+
+    run, _, stats, rows = _run(cfg, app, during=killer)
+    assert killed, "the test never caught a worker mid-chunk"
+    assert run.pool.replaced >= 1
+    _assert_counts(stats, expected_groups=2 * 2)
+
+
+def test_resume_continues_from_the_checkpoint(loop_env):
+    tmp_path, redis_url, app = loop_env
+    cfg = _cfg(tmp_path, redis_url, app.model_dir, iterations=1)
+    _, first, stats1, _ = _run(cfg, app)
+    resumed = replace(cfg, iterations=2, resume=True)
+    run, second, stats2, rows = _run(resumed, app)
+    meta = json.loads((run.out / "checkpoints" / "latest" / "trainer_meta.json").read_text())
+    assert meta["iteration"] == 2 and meta["step"] == 2  # one more step, not two
+    assert second["success_before"] == first["success_before"]  # not re-measured
+    _assert_counts(stats2, expected_groups=2 * 2)
