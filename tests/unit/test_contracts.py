@@ -128,16 +128,20 @@ def test_wrong_schema_version(version):
 @pytest.mark.parametrize(
     "path, value, match",
     [
-        (("task_id",), 7, "task_id"),
-        (("pv",), "3", "pv"),
-        (("pv",), True, "pv"),
-        (("eps",), {}, "eps"),
-        (("eps", 0, "won"), 1, "won"),
-        (("eps", 0, "steps", 0, "r"), "1.0", "steps\\[0\\].r"),
-        (("eps", 0, "steps", 0, "ok"), 1, "ok"),
-        (("eps", 0, "steps", 0, "p"), [1, 2, 3], "steps\\[0\\].p"),
-        (("eps", 0, "steps", 0, "i"), [1], "steps\\[0\\].i"),
-        (("eps", 0, "steps", 0, "q"), b"\x01\x00\x00", "multiple of 4"),
+        (("task_id",), 7, "task_id: expected str"),
+        (("pv",), "3", "pv: expected int"),
+        (("pv",), True, "pv: expected int"),
+        (("eps",), {}, "eps: expected list"),
+        (("eps", 0, "won"), 1, "won: expected bool"),
+        (("eps", 0, "n"), 99, "values for"),
+        (("steps", "r"), "1.0", "steps.r: expected bytes"),
+        (("steps", "r"), b"\x00" * 8, "steps.r: 1 values for 24 steps"),
+        (("steps", "ok"), 1, "steps.ok: expected bytes"),
+        (("steps", "ok"), b"\x02" * 24, "booleans must be 0 or 1"),
+        (("steps", "p"), [1, 2, 3], "steps.p: expected bytes"),
+        (("steps", "i"), {}, "steps.i: expected list"),
+        (("steps", "q"), b"\x01\x00\x00", "multiple of 4"),
+        (("steps", "pl"), np.full(24, -1, "<i8").tobytes(), "negative length"),
     ],
 )
 def test_wrong_types(path, value, match):
@@ -150,9 +154,16 @@ def test_wrong_types(path, value, match):
         decode_group(_pack(body))
 
 
+def test_wrong_type_inside_a_column_names_the_step():
+    body = _body(small_group())
+    body["steps"]["i"][4] = [1]
+    with pytest.raises(RecordError, match=r"episodes\[1\]\.steps\[1\]\.i: expected dict"):
+        decode_group(_pack(body))
+
+
 def test_missing_field():
     body = _body(small_group())
-    del body["eps"][2]["steps"][1]["lp"]
+    del body["steps"]["lp"]
     with pytest.raises(RecordError, match="missing field 'lp'"):
         decode_group(_pack(body))
 
@@ -164,8 +175,10 @@ def test_non_finite_reward_rejected_on_both_sides(bad):
     with pytest.raises(RecordError, match="reward: not finite"):
         encode_group(g)
     body = _body(small_group())
-    body["eps"][0]["steps"][0]["r"] = bad
-    with pytest.raises(RecordError, match="reward: not finite"):
+    r = np.zeros(24, "<f8")
+    r[5] = bad
+    body["steps"]["r"] = r.tobytes()
+    with pytest.raises(RecordError, match=r"episodes\[1\]\.steps\[2\]\.reward: not finite"):
         decode_group(_pack(body))
 
 
@@ -182,8 +195,8 @@ def test_mismatched_logprob_length_rejected_on_both_sides():
     with pytest.raises(RecordError, match="3 log-probs for 8 response tokens"):
         encode_group(g)
     body = _body(small_group())
-    body["eps"][0]["steps"][0]["lp"] = np.zeros(5, "<f4").tobytes()
-    with pytest.raises(RecordError, match="5 log-probs for 8 response tokens"):
+    body["steps"]["lp"] = body["steps"]["lp"][:-4]  # one log-prob short somewhere
+    with pytest.raises(RecordError, match="logprobs: lengths add up to 192, buffer holds 191"):
         decode_group(_pack(body))
 
 
@@ -195,8 +208,10 @@ def test_token_ids_are_checked():
     with pytest.raises(RecordError, match="integers"):
         StepRecord("o", "a", 0.0, True, True, response_ids=np.array([0.5]))
     body = _body(small_group())
-    body["eps"][0]["steps"][0]["p"] = np.array([5, -1], "<i4").tobytes()
-    with pytest.raises(RecordError, match="negative token id"):
+    p = np.frombuffer(body["steps"]["p"], "<i4").copy()
+    p[64 * 3 + 1] = -1  # episode 1, step 0
+    body["steps"]["p"] = p.tobytes()
+    with pytest.raises(RecordError, match=r"episodes\[1\]\.steps\[0\]\.prompt_ids: negative token id"):
         decode_group(_pack(body))
 
 
