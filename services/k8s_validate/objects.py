@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
@@ -203,3 +203,47 @@ def quantity(value: Any) -> float:
 
 def ceil_gpus(value: float) -> int:
     return int(math.ceil(value - 1e-9))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Check:
+    rule: str
+    target: str
+    errors: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass
+class Context:
+    """What the manifests must agree with: the versions pinned in pyproject.toml."""
+
+    ray_version: str
+    project_version: str
+    image_repo_suffix: str = "proxmo-ray"  # our image: <registry>/<...>/proxmo-ray:<tag>
+    config_mount: str = "/etc/proxmo"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tag_pattern(self) -> re.Pattern[str]:
+        return re.compile(rf"^{re.escape(self.project_version)}-ray{re.escape(self.ray_version)}-(cpu|cu\d+)$")
+
+
+OPT_IN = "proxmo.io/expose-outside-cluster"
+
+
+def make_check(rule: str, target: str, errors: list[str]) -> Check:
+    return Check(rule, target, tuple(errors))
+
+
+def ray_docs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d.get("kind") in RAY_KINDS]
+
+
+def opted_in(doc: dict[str, Any]) -> bool:
+    return ((doc.get("metadata") or {}).get("annotations") or {}).get(OPT_IN) == "true"

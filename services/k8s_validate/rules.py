@@ -17,73 +17,41 @@ import re
 import shlex
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .objects import (
     GPU_KEY,
     RAY_KINDS,
+    Check,
+    Context,
     Group,
     ceil_gpus,
     cluster_spec,
-    container_mounts,
     containers,
     env_map,
     groups,
-    is_redis_container,
+    make_check,
     name_of,
     pod_templates,
     quantity,
-    secret_env,
-    selector_matches,
+    ray_docs,
 )
 from .schemas import load_serve_config
+from .security import (
+    rule_exposure,
+    rule_networkpolicy,
+    rule_redis_auth,
+    rule_redis_separation,
+    rule_security_context,
+    rule_service_selectors,
+)
 
-
-@dataclass(frozen=True)
-class Check:
-    rule: str
-    target: str
-    errors: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-
-@dataclass
-class Context:
-    """What the manifests must agree with: the versions pinned in pyproject.toml."""
-
-    ray_version: str
-    project_version: str
-    image_repo_suffix: str = "proxmo-ray"  # our image: <registry>/<...>/proxmo-ray:<tag>
-    config_mount: str = "/etc/proxmo"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tag_pattern(self) -> re.Pattern[str]:
-        return re.compile(rf"^{re.escape(self.project_version)}-ray{re.escape(self.ray_version)}-(cpu|cu\d+)$")
-
-
-OPT_IN = "proxmo.io/expose-outside-cluster"
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# KubeRay appends 6 characters to RayJob/RayService names to name their RayCluster.
 _NAME_LIMIT = {"RayCluster": 63, "RayJob": 57, "RayService": 57}
-
-
-def _check(rule: str, target: str, errors: list[str]) -> Check:
-    return Check(rule, target, tuple(errors))
-
-
-def _ray_docs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [d for d in docs if d.get("kind") in RAY_KINDS]
-
-
-def _opted_in(doc: dict[str, Any]) -> bool:
-    return ((doc.get("metadata") or {}).get("annotations") or {}).get(OPT_IN) == "true"
 
 
 # --------------------------------------------------------------------------- KubeRay run-time rules
@@ -91,7 +59,7 @@ def _opted_in(doc: dict[str, Any]) -> bool:
 
 def rule_replicas(docs, ctx) -> Iterator[Check]:
     """minReplicas <= replicas <= maxReplicas, none negative (KubeRay rejects at reconcile)."""
-    for doc in _ray_docs(docs):
+    for doc in ray_docs(docs):
         for g in groups(doc):
             if g.is_head:
                 continue
@@ -105,7 +73,7 @@ def rule_replicas(docs, ctx) -> Iterator[Check]:
                 errors.append(f"minReplicas {lo} > maxReplicas {hi}")
             elif n is not None and not lo <= n <= hi:
                 errors.append(f"replicas {n} outside [{lo}, {hi}]")
-            yield _check("replicas", g.where, errors)
+            yield make_check("replicas", g.where, errors)
 
 
 def rule_submission(docs, ctx) -> Iterator[Check]:
@@ -129,12 +97,12 @@ def rule_submission(docs, ctx) -> Iterator[Check]:
             errors.append("ttlSecondsAfterFinished must be >= 0")
         if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
             errors.append("a suspended RayJob needs shutdownAfterJobFinishes: true")
-        yield _check("submission", name_of(doc), errors)
+        yield make_check("submission", name_of(doc), errors)
 
 
 def rule_autoscaling(docs, ctx) -> Iterator[Check]:
     """In-tree autoscaling on, and the rollout group free to grow (issue 7)."""
-    for doc in _ray_docs(docs):
+    for doc in ray_docs(docs):
         spec, errors = cluster_spec(doc) or {}, []
         if spec.get("enableInTreeAutoscaling") is not True:
             errors.append("enableInTreeAutoscaling must be true")
@@ -146,12 +114,12 @@ def rule_autoscaling(docs, ctx) -> Iterator[Check]:
                 errors.append(f"group {g.name} cannot be suspended with the autoscaler on")
             if g.name == "rollout" and g.spec.get("maxReplicas", 0) <= g.spec.get("minReplicas", 0):
                 errors.append("the rollout group must be able to scale (maxReplicas > minReplicas)")
-        yield _check("autoscaling", name_of(doc), errors)
+        yield make_check("autoscaling", name_of(doc), errors)
 
 
 def rule_operator(docs, ctx) -> Iterator[Check]:
     """Checks KubeRay makes only when it reconciles (names, rayStartParams, GCS FT env)."""
-    for doc in _ray_docs(docs):
+    for doc in ray_docs(docs):
         errors, kind = [], doc["kind"]
         name = str((doc.get("metadata") or {}).get("name", ""))
         if not _DNS1035.match(name) or len(name) > _NAME_LIMIT[kind]:
@@ -177,7 +145,7 @@ def rule_operator(docs, ctx) -> Iterator[Check]:
                     errors.append(f"head env {var} conflicts with gcsFaultToleranceOptions (KubeRay rejects it)")
             if (head.spec.get("rayStartParams") or {}).get("redis-password"):
                 errors.append("rayStartParams.redis-password conflicts with gcsFaultToleranceOptions")
-        yield _check("operator", name_of(doc), errors)
+        yield make_check("operator", name_of(doc), errors)
 
 
 # --------------------------------------------------------------------------- project contract
@@ -211,7 +179,7 @@ def _config_of(doc, docs, ctx) -> tuple[Any, list[str]]:
 
 def rule_config(docs, ctx) -> Iterator[Check]:
     """The mounted config loads and is set up for a cluster (Ray address, Redis URL)."""
-    for doc in _ray_docs(docs):
+    for doc in ray_docs(docs):
         cfg, errors = _config_of(doc, docs, ctx)
         head = groups(doc)[0]
         if cfg is not None:
@@ -227,12 +195,12 @@ def rule_config(docs, ctx) -> Iterator[Check]:
                 path = args[args.index("--config") + 1] if args.index("--config") + 1 < len(args) else ""
                 if not path.startswith(ctx.config_mount.rstrip("/") + "/"):
                     errors.append(f"entrypoint --config {path!r} is not under the mounted {ctx.config_mount}")
-        yield _check("config", name_of(doc), errors)
+        yield make_check("config", name_of(doc), errors)
 
 
 def rule_custom_resources(docs, ctx) -> Iterator[Check]:
     """Every custom resource rollout actors request is advertised by some worker group."""
-    for doc in _ray_docs(docs):
+    for doc in ray_docs(docs):
         if doc["kind"] == "RayService":
             continue
         cfg, errors = _config_of(doc, docs, ctx)
@@ -248,7 +216,7 @@ def rule_custom_resources(docs, ctx) -> Iterator[Check]:
         for key, need in cfg.rollout.resources.items():
             if advertised.get(key, 0.0) < need:
                 errors.append(f"rollout actors need resource {key}={need} but no worker group advertises it")
-        yield _check("custom-resources", name_of(doc), errors)
+        yield make_check("custom-resources", name_of(doc), errors)
 
 
 def _gpu_groups(doc) -> list[Group]:
@@ -269,8 +237,8 @@ def rule_gpu(docs, ctx) -> Iterator[Check]:
             tag = str(c.get("image", "")).rsplit(":", 1)[-1]
             if lim is not None and quantity(lim) > 0 and tag.endswith("-cpu"):
                 errors.append(f"container {c.get('name')}: GPU limit with the CPU image ({tag})")
-        yield _check("gpu", tpl.where, errors)
-    for doc in _ray_docs(docs):
+        yield make_check("gpu", tpl.where, errors)
+    for doc in ray_docs(docs):
         errors = []
         for g in groups(doc):
             declared = (g.spec.get("rayStartParams") or {}).get("num-gpus")
@@ -300,12 +268,12 @@ def rule_gpu(docs, ctx) -> Iterator[Check]:
         total_need = sum(t for _, _, t in needs)
         if total_need > capacity + 1e-9:
             errors.append(f"needs {total_need:g} GPUs at once but GPU groups hold at most {capacity:g}")
-        yield _check("gpu", name_of(doc), errors)
+        yield make_check("gpu", name_of(doc), errors)
 
 
 def rule_checkpoints(docs, ctx) -> Iterator[Check]:
     """Checkpoints live on a PersistentVolumeClaim wherever they are written or read."""
-    for doc in _ray_docs(docs):
+    for doc in ray_docs(docs):
         errors = []
         if doc["kind"] == "RayService":
             paths = [str((app.get("args") or {}).get("checkpoint", ""))
@@ -335,12 +303,12 @@ def rule_checkpoints(docs, ctx) -> Iterator[Check]:
                 claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
                 if claim and claim not in claims:
                     errors.append(f"group {g.name}: PVC {claim} is not part of this rendering")
-        yield _check("checkpoints", name_of(doc), errors)
+        yield make_check("checkpoints", name_of(doc), errors)
 
 
 def rule_image_version(docs, ctx) -> Iterator[Check]:
     """Our image tag <-> rayVersion <-> the ray pin in pyproject.toml; other images pinned."""
-    for doc in _ray_docs(docs):
+    for doc in ray_docs(docs):
         spec, errors = cluster_spec(doc) or {}, []
         if str(spec.get("rayVersion")) != ctx.ray_version:
             errors.append(f"rayVersion {spec.get('rayVersion')!r} != ray pinned in pyproject.toml ({ctx.ray_version})")
@@ -356,7 +324,7 @@ def rule_image_version(docs, ctx) -> Iterator[Check]:
             tags.add(tag)
         if len(tags) > 1:
             errors.append(f"head and workers use different image tags {sorted(tags)}")
-        yield _check("image-version", name_of(doc), errors)
+        yield make_check("image-version", name_of(doc), errors)
     for tpl in pod_templates(docs):
         if tpl.owner.get("kind") in RAY_KINDS and not tpl.where.endswith("submitter"):
             continue
@@ -366,10 +334,10 @@ def rule_image_version(docs, ctx) -> Iterator[Check]:
             last = image.rsplit("/", 1)[-1]
             if "@" not in last and (":" not in last or last.endswith(":latest")):
                 errors.append(f"container {c.get('name')}: image {image!r} needs a fixed tag (not latest)")
-        yield _check("image-version", tpl.where, errors)
+        yield make_check("image-version", tpl.where, errors)
 
 
-# --------------------------------------------------------------------------- resources and security
+# --------------------------------------------------------------------------- resources
 
 
 def rule_resources(docs, ctx) -> Iterator[Check]:
@@ -393,204 +361,12 @@ def rule_resources(docs, ctx) -> Iterator[Check]:
         errors = []
         for c in containers(tpl.spec):
             errors += check_one(f"container {c.get('name')}", c.get("resources") or {})
-        yield _check("resources", tpl.where, errors)
-    for doc in _ray_docs(docs):
+        yield make_check("resources", tpl.where, errors)
+    for doc in ray_docs(docs):
         spec = cluster_spec(doc) or {}
         if spec.get("enableInTreeAutoscaling"):
             res = (spec.get("autoscalerOptions") or {}).get("resources") or {}
-            yield _check("resources", f"{name_of(doc)} autoscaler", check_one("autoscaler sidecar", res))
-
-
-def rule_security_context(docs, ctx) -> Iterator[Check]:
-    """Non-root, no privilege escalation, no host namespaces (issue 9)."""
-    for tpl in pod_templates(docs):
-        errors, pod_sc = [], tpl.spec.get("securityContext") or {}
-        for key in ("hostNetwork", "hostPID", "hostIPC"):
-            if tpl.spec.get(key):
-                errors.append(f"{key} is not allowed")
-        for c in containers(tpl.spec):
-            sc = c.get("securityContext") or {}
-            if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
-                errors.append(f"container {c.get('name')}: runAsNonRoot must be true")
-            if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
-                errors.append(f"container {c.get('name')}: runAsUser 0")
-            if sc.get("allowPrivilegeEscalation") is not False:
-                errors.append(f"container {c.get('name')}: allowPrivilegeEscalation must be false")
-            if sc.get("privileged"):
-                errors.append(f"container {c.get('name')}: privileged")
-        yield _check("security-context", tpl.where, errors)
-    for doc in _ray_docs(docs):
-        sc = ((cluster_spec(doc) or {}).get("autoscalerOptions") or {}).get("securityContext") or {}
-        errors = [] if sc.get("allowPrivilegeEscalation") is False and sc.get("runAsNonRoot") is True else \
-            ["autoscalerOptions.securityContext needs runAsNonRoot: true and allowPrivilegeEscalation: false"]
-        yield _check("security-context", f"{name_of(doc)} autoscaler", errors)
-
-
-def rule_exposure(docs, ctx) -> Iterator[Check]:
-    """Dashboard, Serve and Redis stay inside the cluster unless explicitly opted in."""
-    for doc in docs:
-        kind, spec, errors = doc.get("kind"), doc.get("spec") or {}, []
-        if kind == "Service":
-            if spec.get("type", "ClusterIP") != "ClusterIP" and not _opted_in(doc):
-                errors.append(f"Service type {spec.get('type')} exposes it outside the cluster "
-                              f"(annotate {OPT_IN}: \"true\" to opt in)")
-            if spec.get("externalIPs") and not _opted_in(doc):
-                errors.append("externalIPs without opt-in")
-        elif kind in ("Ingress", "Gateway", "HTTPRoute") and not _opted_in(doc):
-            errors.append(f"{kind} without the {OPT_IN} opt-in")
-        elif kind in RAY_KINDS:
-            cspec = cluster_spec(doc) or {}
-            head = cspec.get("headGroupSpec") or {}
-            if head.get("serviceType", "ClusterIP") != "ClusterIP" and not _opted_in(doc):
-                errors.append(f"headGroupSpec.serviceType {head.get('serviceType')} without opt-in")
-            if head.get("enableIngress") and not _opted_in(doc):
-                errors.append("headGroupSpec.enableIngress without opt-in")
-            svc_type = ((spec.get("serveService") or {}).get("spec") or {}).get("type", "ClusterIP")
-            if svc_type != "ClusterIP" and not _opted_in(doc):
-                errors.append(f"serveService type {svc_type} without opt-in")
-        else:
-            continue
-        yield _check("exposure", name_of(doc), errors)
-    for tpl in pod_templates(docs):
-        errors = [f"container {c.get('name')}: hostPort {p.get('hostPort')}"
-                  for c in containers(tpl.spec) for p in c.get("ports") or [] if p.get("hostPort")]
-        if errors and _opted_in(tpl.owner):
-            errors = []
-        yield _check("exposure", tpl.where, errors)
-
-
-_VAR_REF = re.compile(r"\$[({]?(\w+)")
-_URL_SECRET = re.compile(r"^rediss?://(?:[^:@/]*):\$\((\w+)\)@([^:/]+)")
-
-
-def rule_redis_auth(docs, ctx) -> Iterator[Check]:
-    """Redis servers require a password from a Secret; clients take it from a Secret."""
-    for tpl in pod_templates(docs):
-        errors = []
-        for c in containers(tpl.spec):
-            if is_redis_container(c):
-                text = " ".join(str(x) for x in (c.get("command") or []) + (c.get("args") or []))
-                after = text.partition("requirepass")[2]
-                placeholder = bool(re.match(r"""^\s*["']?(%s|\$)""", after))
-                refs = _VAR_REF.findall(after)
-                if "requirepass" not in text:
-                    errors.append(f"container {c.get('name')}: redis-server without requirepass")
-                elif not placeholder or not any(secret_env(c, r) for r in refs):
-                    errors.append(f"container {c.get('name')}: requirepass must come from an env var set "
-                                  "from a Secret (secretKeyRef), not a literal")
-                if "--appendonly yes" not in text:
-                    errors.append(f"container {c.get('name')}: AOF off (--appendonly yes)")
-                data = container_mounts(tpl.spec, c).get("/data")
-                if data is None or not ("persistentVolumeClaim" in data or data.get("name") in tpl.claim_templates):
-                    errors.append(f"container {c.get('name')}: /data is not on a PersistentVolume")
-            url = env_map(c).get("REDIS_URL")
-            if url is not None:
-                match = _URL_SECRET.match(str(url.get("value", "")))
-                if not match or not secret_env(c, match.group(1)):
-                    errors.append(f"container {c.get('name')}: REDIS_URL must be redis://:$(VAR)@host with VAR "
-                                  "from a Secret, never a literal password")
-        yield _check("redis-auth", tpl.where, errors)
-    for doc in docs:
-        if doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData")):
-            yield _check("redis-auth", name_of(doc), ["a Secret with data is committed; create it with kubectl"])
-
-
-def _redis_services(docs) -> dict[str, set[str]]:
-    """Service name -> names of the Redis workloads behind it."""
-    out: dict[str, set[str]] = {}
-    for svc in (d for d in docs if d.get("kind") == "Service"):
-        selector = (svc.get("spec") or {}).get("selector") or {}
-        for tpl in pod_templates(docs):
-            if selector and any(is_redis_container(c) for c in containers(tpl.spec)) \
-                    and selector_matches({"matchLabels": selector}, tpl.labels):
-                out.setdefault(svc["metadata"]["name"], set()).add(tpl.where)
-    return out
-
-
-def rule_redis_separation(docs, ctx) -> Iterator[Check]:
-    """The GCS fault-tolerance Redis is not the trajectory buffer's, and has a Secret password."""
-    services = _redis_services(docs)
-    buffer_backends: set[str] = set()
-    for tpl in pod_templates(docs):
-        for c in containers(tpl.spec):
-            match = _URL_SECRET.match(str((env_map(c).get("REDIS_URL") or {}).get("value", "")))
-            if match:
-                buffer_backends |= services.get(match.group(2).split(".")[0], {match.group(2)})
-    for doc in _ray_docs(docs):
-        ft = (cluster_spec(doc) or {}).get("gcsFaultToleranceOptions")
-        if not ft:
-            continue
-        errors = []
-        host = str(ft.get("redisAddress", "")).split("://")[-1].split(":")[0].split(".")[0]
-        backends = services.get(host, {host})
-        if backends & buffer_backends:
-            errors.append(f"GCS fault tolerance uses the trajectory-buffer Redis ({host}); use a separate one")
-        if not host:
-            errors.append("gcsFaultToleranceOptions.redisAddress is empty")
-        pw = ft.get("redisPassword") or {}
-        if not ((pw.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name"):
-            errors.append("gcsFaultToleranceOptions.redisPassword must be valueFrom.secretKeyRef")
-        yield _check("redis-separation", name_of(doc), errors)
-
-
-def rule_networkpolicy(docs, ctx) -> Iterator[Check]:
-    """Each Redis is reachable only from Ray pods, on its port, and those pods can reach it."""
-    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
-    ray_pods = [t for t in pod_templates(docs) if t.owner.get("kind") in RAY_KINDS]
-    for tpl in pod_templates(docs):
-        if not any(is_redis_container(c) for c in containers(tpl.spec)):
-            continue
-        errors = []
-        mine = [p for p in policies if selector_matches((p.get("spec") or {}).get("podSelector") or {}, tpl.labels)]
-        if not mine:
-            errors.append("no NetworkPolicy selects these Redis pods")
-        allowed: list[dict[str, Any]] = []
-        for pol in mine:
-            spec = pol.get("spec") or {}
-            if "Ingress" not in (spec.get("policyTypes") or ["Ingress"]):
-                errors.append(f"{name_of(pol)}: policyTypes lacks Ingress")
-            for i, rule in enumerate(spec.get("ingress") or []):
-                peers = rule.get("from") or []
-                if not peers:
-                    errors.append(f"{name_of(pol)} ingress[{i}]: no `from` (open to every source)")
-                for peer in peers:
-                    if set(peer) != {"podSelector"} or not (peer["podSelector"] or {}).get("matchLabels"):
-                        errors.append(f"{name_of(pol)} ingress[{i}]: peers must be labelled pod selectors "
-                                      f"(got {sorted(peer)})")
-                    else:
-                        allowed.append(peer["podSelector"])
-                ports = [p.get("port") for p in rule.get("ports") or []]
-                if not ports or any(p not in (6379, "redis") for p in ports):
-                    errors.append(f"{name_of(pol)} ingress[{i}]: ports must be exactly the Redis port, got {ports}")
-        for sel in allowed:
-            if not any(selector_matches(sel, t.labels) for t in ray_pods):
-                errors.append(f"allowed selector {sel.get('matchLabels')} matches no Ray pod")
-            if any(selector_matches(sel, t.labels) for t in pod_templates(docs) if t.owner.get("kind") not in RAY_KINDS):
-                errors.append(f"allowed selector {sel.get('matchLabels')} also matches non-Ray pods")
-        if allowed:
-            name = tpl.owner["metadata"]["name"]
-            for t in ray_pods:
-                for c in containers(t.spec):
-                    match = _URL_SECRET.match(str((env_map(c).get("REDIS_URL") or {}).get("value", "")))
-                    if match and match.group(2).split(".")[0] in _services_for(docs, tpl) and \
-                            not any(selector_matches(s, t.labels) for s in allowed):
-                        errors.append(f"{t.where} uses {name} but its labels are not allowed by the policy")
-        yield _check("networkpolicy", tpl.where, errors)
-
-
-def _services_for(docs, tpl) -> set[str]:
-    return {s for s, backends in _redis_services(docs).items() if tpl.where in backends}
-
-
-def rule_service_selectors(docs, ctx) -> Iterator[Check]:
-    """Each Service selects pods that this rendering creates (a typo leaves it empty)."""
-    templates = list(pod_templates(docs))
-    for svc in (d for d in docs if d.get("kind") == "Service"):
-        selector = (svc.get("spec") or {}).get("selector") or {}
-        errors = []
-        if selector and not any(selector_matches({"matchLabels": selector}, t.labels) for t in templates):
-            errors.append(f"selector {selector} matches no pod template")
-        yield _check("service-selectors", name_of(svc), errors)
+            yield make_check("resources", f"{name_of(doc)} autoscaler", check_one("autoscaler sidecar", res))
 
 
 RULES: list[tuple[str, Callable[..., Iterator[Check]]]] = [
