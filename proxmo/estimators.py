@@ -35,7 +35,7 @@ from proxmo.batch import (
 from proxmo.config import AdvantageConfig
 from proxmo.episode import beta_from_range, episode_advantage, modulation_weight, success_rate
 from proxmo.grouping import exact_buckets, similarity_buckets, step_advantage_buckets
-from proxmo.proximity import get_featurizer, soft_step_advantage, unit_rows
+from proxmo.proximity import get_featurizer, is_sparse, soft_step_advantage, unit_rows
 from proxmo.returns import apply_invalid_penalty, discounted_returns
 
 Estimator = Callable[[AdvantageInputs, AdvantageConfig], AdvantageOutputs]
@@ -95,8 +95,9 @@ def _soft_step(b: Batch, step_return: np.ndarray, cfg: AdvantageConfig) -> np.nd
     text_code = text_of_anchor[b.anchor]
     counts = np.bincount(text_code, minlength=len(texts))
     feats = get_featurizer(cfg.featurizer)(texts, counts, cfg)
-    feats = np.asarray(feats, dtype=np.float64)
-    if feats.ndim != 2 or feats.shape[0] != len(texts):
+    if not is_sparse(feats):
+        feats = np.asarray(feats, dtype=np.float64)
+    if len(feats.shape) != 2 or feats.shape[0] != len(texts):
         raise ValueError(f"featurizer {cfg.featurizer!r} returned shape {feats.shape}, expected ({len(texts)}, D)")
     adv, _ = soft_step_advantage(step_return, b.group, text_code, unit_rows(feats), cfg.temperature)
     return adv

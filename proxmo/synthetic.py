@@ -65,8 +65,12 @@ def _room(rng: random.Random) -> tuple[str, list[str], dict[str, str]]:
 
 
 def make_batch(n_groups: int = 16, group_size: int = 8, max_steps: int = 50, seed: int = 0,
-               invalid_rate: float = 0.1, prefix: str = "g") -> SyntheticBatch:
-    """A batch of ``n_groups`` x ``group_size`` episodes of at most ``max_steps`` steps."""
+               invalid_rate: float = 0.1, prefix: str = "g", distinct: bool = False) -> SyntheticBatch:
+    """A batch of ``n_groups`` x ``group_size`` episodes of at most ``max_steps`` steps.
+
+    distinct: tag every observation with its trajectory and step, so no two rows share a
+    state (worst case for the state de-duplication in proxmo.proximity).
+    """
     rng = random.Random(seed)
     cols: dict[str, list[Any]] = {k: [] for k in SyntheticBatch.__dataclass_fields__}
     for g in range(n_groups):
@@ -84,14 +88,17 @@ def make_batch(n_groups: int = 16, group_size: int = 8, max_steps: int = 50, see
                 cols["group"].append(gid)
                 cols["traj"].append(tid)
                 cols["step"].append(t)
-                cols["anchor"].append(obs)
+                cols["anchor"].append(f"{obs} [{tid} step{t}]" if distinct else obs)
                 cols["valid"].append(valid)
                 cols["reward"].append(10.0 if (won and last) else 0.0)
                 cols["episode_reward"].append(10.0 if won else 0.0)
                 cols["success"].append(won)
-                if valid:
+                if not valid:
+                    obs = "Nothing happens."
+                elif rng.random() < 0.3:  # interact with the object at hand (pick up, open, heat, ...)
+                    verb = rng.choice(["pick up", "put", "open", "close", "heat", "cool", "clean", "examine"])
+                    obs = f"You {verb} the {rng.choice(_OBJECTS)} {rng.randint(1, 3)} at the {rng.choice(places)}."
+                else:
                     place = rng.choice(places)
                     obs = f"You arrive at {place}. {contents[place]}"
-                else:
-                    obs = "Nothing happens."
     return SyntheticBatch(**cols)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `proxmo bench ...`; each module has main(argv) -> int."""
