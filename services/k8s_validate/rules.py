@@ -13,6 +13,7 @@ what was checked, not only what failed.
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import tempfile
@@ -153,8 +154,6 @@ def rule_operator(docs, ctx) -> Iterator[Check]:
 
 def _config_of(doc, docs, ctx) -> tuple[Any, list[str]]:
     """The TrainConfig mounted into a Ray CR's head (loaded with services.config)."""
-    from services.config import ConfigError, load_config
-
     head = groups(doc)[0] if groups(doc) else None
     if head is None:
         return None, ["no head group"]
@@ -168,13 +167,22 @@ def _config_of(doc, docs, ctx) -> tuple[Any, list[str]]:
     text = (cms[0].get("data") or {}).get("config.yaml")
     if text is None:
         return None, [f"ConfigMap {cm_name} has no key config.yaml"]
+    cfg, error = _load_config_text(text)
+    return (cfg, []) if error is None else (None, [f"ConfigMap {cm_name}: {error}"])
+
+
+@functools.lru_cache(maxsize=32)
+def _load_config_text(text: str) -> tuple[Any, str | None]:
+    """load_config on a config file's text (cached: every rule asks for the same few)."""
+    from services.config import ConfigError, load_config
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(text)
         try:
-            return load_config(path), []
+            return load_config(path), None
         except ConfigError as exc:
-            return None, [f"ConfigMap {cm_name}: {exc}"]
+            return None, str(exc)
 
 
 def rule_config(docs, ctx) -> Iterator[Check]:
