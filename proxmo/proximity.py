@@ -6,9 +6,11 @@ For rows i, j of the same episode group, with unit state features x:
 
 Departures from the reference code (numbers unchanged up to float rounding):
 - The reference builds one N x N similarity matrix for the whole batch and masks it by
-  group. We work group by group on the group's *distinct* anchor texts: with counts M_u
-  and return sums S_u per distinct text u, b_a = sum_u e^(c_au/tau) S_u / sum_u e^(c_au/tau) M_u.
-  Memory and time follow the largest group's number of distinct states, not N^2.
+  group. We work on each group's *distinct* anchor texts: with counts M_u and return sums
+  S_u per distinct text u, b_a = sum_u e^(c_au/tau) S_u / sum_u e^(c_au/tau) M_u.
+  For sparse non-negative features (TF-IDF) all groups go through one sparse product whose
+  output holds only within-group cosines; other features use one dense Gram per group.
+  Memory follows (distinct states) x (largest group's distinct states), never N^2.
 - TF-IDF (scikit-learn, ``TfidfVectorizer(max_features=1024)`` fit on all rows of the batch)
   is reproduced from counts of the distinct texts weighted by how often each occurs:
   term totals for the max_features cut, document frequencies and the idf are those of the
@@ -129,22 +131,63 @@ def _gram(f: Any) -> np.ndarray:
 
 def soft_step_advantage(step_return: np.ndarray, group: np.ndarray, text_code: np.ndarray,
                         features: Any, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(A_S [N], baseline [N]) from G~ [N], group codes [N], distinct-text codes [N] and unit features [U, D]."""
+    """(A_S [N], baseline [N]) from G~ [N], group codes [N], distinct-text codes [N] and unit features [U, D].
+
+    Works on (group, distinct text) pairs: M = rows per pair, S = sum of G~ per pair.
+    """
     n = step_return.shape[0]
-    baseline = np.empty(n, dtype=np.float64)
     if n == 0:
-        return baseline, baseline.copy()
-    order = np.lexsort((text_code, group))
-    g_bounds = np.flatnonzero(np.diff(group[order])) + 1
-    for rows in np.split(order, g_bounds):
-        t_rows = text_code[rows]
-        uniq, inv = np.unique(t_rows, return_inverse=True)
-        inv = inv.reshape(-1)
-        m = np.bincount(inv, minlength=uniq.size).astype(np.float64)
-        s = np.bincount(inv, weights=step_return[rows], minlength=uniq.size)
-        logits = _gram(features[uniq]) / temperature
+        return np.zeros(0), np.zeros(0)
+    n_text = int(text_code.max()) + 1
+    keys, inv = np.unique(group * n_text + text_code, return_inverse=True)  # pairs sorted by group
+    inv = inv.reshape(-1)
+    pair_group, pair_text = keys // n_text, keys % n_text
+    m = np.bincount(inv, minlength=keys.size).astype(np.float64)
+    s = np.bincount(inv, weights=step_return, minlength=keys.size)
+    if is_sparse(features) and (features.nnz == 0 or features.data.min() >= 0):
+        b = _pair_baseline_sparse(features, pair_group, pair_text, m, s, temperature)
+    else:
+        b = _pair_baseline_dense(features, pair_group, pair_text, m, s, temperature)
+    baseline = b[inv]
+    return step_return - baseline, baseline
+
+
+def _pair_baseline_dense(features: Any, pair_group: np.ndarray, pair_text: np.ndarray, m: np.ndarray,
+                         s: np.ndarray, temperature: float) -> np.ndarray:
+    """One small Gram matrix per group (any features, negative entries allowed)."""
+    b = np.empty(m.shape[0], dtype=np.float64)
+    bounds = np.flatnonzero(np.diff(pair_group)) + 1
+    for lo, hi in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [m.shape[0]])), strict=True):
+        logits = _gram(features[pair_text[lo:hi]]) / temperature
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
-        b = np.einsum("ij,j->i", e, s) / np.einsum("ij,j->i", e, m)
-        baseline[rows] = b[inv]
-    return step_return - baseline, baseline
+        b[lo:hi] = np.einsum("ij,j->i", e, s[lo:hi]) / np.einsum("ij,j->i", e, m[lo:hi])
+    return b
+
+
+def _pair_baseline_sparse(features: Any, pair_group: np.ndarray, pair_text: np.ndarray, m: np.ndarray,
+                          s: np.ndarray, temperature: float) -> np.ndarray:
+    """All groups in one sparse product, for non-negative sparse features (TF-IDF).
+
+    Each pair's features are moved to its group's own block of columns, so F F^T holds
+    exactly the within-group cosines that are non-zero (memory <= pairs x largest group).
+    Pairs with cosine 0 weigh e^(0 - max) each; their sums come from the group totals.
+    """
+    n_pairs, dim = m.shape[0], features.shape[1]
+    f = features.tocsr()[pair_text]
+    f.indices = (f.indices + np.repeat(pair_group, np.diff(f.indptr)) * dim).astype(np.int64)
+    f = type(f)((f.data, f.indices, f.indptr), shape=(n_pairs, dim * (int(pair_group.max()) + 1)))
+    c = (f @ f.T).tocsr()
+    row = np.repeat(np.arange(n_pairs), np.diff(c.indptr))
+    logits = c.data / temperature
+    top = np.zeros(n_pairs)  # max over the row incl. the implicit zeros (cos >= 0 here)
+    np.maximum.at(top, row, logits)
+    e = np.exp(logits - top[row])
+    e0 = np.exp(-top)  # weight of each pair with cosine 0
+    g_s = np.bincount(pair_group, weights=s)[pair_group]
+    g_m = np.bincount(pair_group, weights=m)[pair_group]
+    num = np.bincount(row, weights=e * s[c.indices], minlength=n_pairs)
+    den = np.bincount(row, weights=e * m[c.indices], minlength=n_pairs)
+    num += e0 * (g_s - np.bincount(row, weights=s[c.indices], minlength=n_pairs))
+    den += e0 * (g_m - np.bincount(row, weights=m[c.indices], minlength=n_pairs))
+    return num / den

@@ -180,3 +180,31 @@ def test_large_group_memory_follows_distinct_states():
     rows = [("g", f"t{i // 50}", i % 50, f"state {i % 30} here", float(i % 2), 1) for i in range(n)]
     out = compute_advantages(make(rows), AdvantageConfig(estimator="proxmo_soft_only"))
     assert out.advantages.shape == (n,) and np.all(np.isfinite(out.advantages))
+
+
+def dense_tfidf(texts, counts, cfg):
+    """The TF-IDF features as a dense array: forces the per-group dense Gram path."""
+    from proxmo.proximity import tfidf_features
+
+    f = tfidf_features(texts, counts, cfg.tfidf_max_features)
+    return f if isinstance(f, np.ndarray) else f.toarray()
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 1e-3])
+def test_sparse_and_dense_soft_paths_agree(batch, temperature):
+    inp = batch.to_inputs()
+    sparse = compute_advantages(inp, AdvantageConfig(estimator="proxmo", temperature=temperature))
+    dense = compute_advantages(inp, AdvantageConfig(estimator="proxmo", temperature=temperature,
+                                                    featurizer="tests.unit.proxmo.test_edge_cases:dense_tfidf"))
+    assert np.all(np.isfinite(sparse.advantages))  # tau 1e-3: logits up to 1000, no overflow
+    np.testing.assert_allclose(sparse.advantages, dense.advantages, atol=1e-5)
+
+
+def test_featurizer_with_wrong_shape_is_rejected(batch):
+    with pytest.raises(ValueError, match="returned shape"):
+        compute_advantages(batch.to_inputs(), AdvantageConfig(
+            estimator="proxmo", featurizer="tests.unit.proxmo.test_edge_cases:bad_featurizer"))
+
+
+def bad_featurizer(texts, counts, cfg):
+    return np.ones((len(texts) + 1, 3))
