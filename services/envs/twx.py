@@ -27,14 +27,17 @@ class TextWorldExpressEnv(TextEnv):
     name = "textworldexpress"
     family = "textworldexpress"
 
-    def __init__(self, cfg: EnvConfig) -> None:
+    def __init__(self, cfg: EnvConfig, simulator: Any = None) -> None:
+        """``simulator``: an already running TextWorldExpress JVM to reuse (switching games is cheap)."""
         super().__init__(cfg)
         if cfg.game not in GAMES:
             raise TaskError(f"env.game {cfg.game!r} is not a TextWorldExpress game; known: {', '.join(GAMES)}")
-        from textworld_express import TextWorldExpressEnv as _Sim
+        if simulator is None:
+            from textworld_express import TextWorldExpressEnv as _Sim
 
-        # The simulator's own step limit is set high: the step cap is ours (cfg.max_steps).
-        self._sim = _Sim(envStepLimit=max(1000, cfg.max_steps + 1))
+            # The simulator's own step limit is set high: the step cap is ours (cfg.max_steps).
+            simulator = _Sim(envStepLimit=max(1000, cfg.max_steps + 1))
+        self._sim = simulator
         self._sim.load(cfg.game, cfg.game_params)
         self._seeds: dict[str, list[int]] = {}
         self._gold: list[str] | None = None
@@ -45,8 +48,14 @@ class TextWorldExpressEnv(TextEnv):
             raise TaskError(f"unknown split {split!r} for textworldexpress; use one of {sorted(_SPLITS)}")
         return _SPLITS[split]
 
+    def _ensure_loaded(self) -> None:
+        # A shared simulator may hold another game: switch back to ours first.
+        if (self._sim.gameName, self._sim.gameParams) != (self.cfg.game, self.cfg.game_params):
+            self._sim.load(self.cfg.game, self.cfg.game_params)
+
     def _fold_seeds(self, fold: str) -> list[int]:
         if fold not in self._seeds:
+            self._ensure_loaded()
             getter = {"train": self._sim.getValidSeedsTrain, "dev": self._sim.getValidSeedsDev,
                       "test": self._sim.getValidSeedsTest}[fold]
             self._seeds[fold] = sorted(int(s) for s in getter())
@@ -59,6 +68,7 @@ class TextWorldExpressEnv(TextEnv):
 
     def _reset(self, task: Task) -> tuple[str, dict[str, Any]]:
         fold = self._fold(task.split)
+        self._ensure_loaded()
         obs, info = self._sim.reset(seed=int(task.seed), gameFold=fold, generateGoldPath=True)
         self._gold = [str(a) for a in self._sim.getGoldActionSequence()]
         return obs, {"admissible_actions": list(info["validActions"]),
@@ -81,6 +91,10 @@ class TextWorldExpressEnv(TextEnv):
             self._sim.close()
         except Exception as exc:  # noqa: BLE001 - the JVM may already be gone
             log.debug("closing TextWorldExpress: %s", exc)
+
+    @property
+    def simulator(self) -> Any:
+        return self._sim
 
     @property
     def java_process(self):

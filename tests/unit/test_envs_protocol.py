@@ -1,0 +1,189 @@
+"""Agent protocol, registry, base-class rules and GuardedEnv, without any third-party game."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from services.config import EnvConfig
+from services.envs import (
+    EnvInfraError,
+    GuardedEnv,
+    Task,
+    TaskError,
+    TextEnv,
+    list_envs,
+    make_env,
+    register_env,
+)
+from services.envs.protocol import build_messages, format_response, parse_action
+
+# --------------------------------------------------------------------------- parse_action
+
+
+@pytest.mark.parametrize("text, action, valid, reason", [
+    ("<think>go</think><action>Take Apple</action>", "take apple", True, ""),
+    ("<action> open   the\n door </action> <action>second</action>", "open the door", True, ""),
+    ("<ACTION>look</ACTION>", "look", True, ""),
+    ("I will take the apple", "", False, "missing_tag"),
+    ("<action>take apple", "", False, "missing_tag"),
+    ("<think>我想</think><action>look</action>", "", False, "cjk"),
+    ("<action>りんご</action>", "", False, "cjk"),
+    ("<action>   </action>", "", False, "empty"),
+    ("<action>" + "a" * 21 + "</action>", "", False, "too_long"),
+    ("<action>" + "a" * 20 + "</action>", "a" * 20, True, ""),
+])
+def test_parse_action_rules(text, action, valid, reason):
+    p = parse_action(text, max_chars=20)
+    assert (p.action, p.valid, p.reason) == (action, valid, reason)
+
+
+def test_format_response_round_trips_through_the_parser():
+    resp = format_response("put teapot in coffee table", think="it belongs there")
+    assert resp == "<think>it belongs there</think><action>put teapot in coffee table</action>"
+    assert parse_action(resp, 200).action == "put teapot in coffee table"
+
+
+# --------------------------------------------------------------------------- build_messages
+
+
+def _history(n):
+    return [(f"obs{i} " + "x" * 300, f"act{i}") for i in range(n)]
+
+
+def test_generic_prompt_has_every_paper_element():
+    cfg = EnvConfig(name="alfworld", history=2, obs_chars=50)
+    msgs = build_messages("put a mug in sink", _history(5), "You see a mug.", ["take mug", "look"], 5, cfg)
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    user = msgs[1]["content"]
+    assert "put a mug in sink" in user and "5 step(s)" in user and "step 6" in user
+    assert "obs3" in user and "obs4" in user and "obs2" not in user  # only the last k=2 pairs
+    assert "act3" in user and "act4" in user
+    assert "x" * 51 not in user  # history observations cut to obs_chars
+    assert "You see a mug." in user and "'take mug', 'look'" in user
+    assert "<think>" in user and "<action>" in user and "ALFRED" in user
+
+
+def test_first_turn_and_zero_history():
+    cfg = EnvConfig(name="scienceworld", history=0)
+    user = build_messages("boil water", _history(3), "kitchen", ["look around"], 3, cfg)[1]["content"]
+    assert not any(f"obs{i}" in user for i in range(3)) and "ScienceWorld" in user
+
+
+def test_twc_template_is_compact():
+    cfg = EnvConfig()  # the quick-start default: textworldexpress / twc
+    obs = "You are in the kitchen. " * 4
+    msgs = build_messages("Your task is to put things away.", _history(4), obs, ["take cup", "look around"], 4, cfg)
+    user = msgs[1]["content"]
+    assert "Step 5." in user and "Actions: take cup | look around" in user
+    assert user.count("Saw:") == 2 and all(len(line) <= 5 + 120 for line in user.splitlines()
+                                           if line.startswith("Saw:"))
+    assert len(msgs[0]["content"]) + len(user) < 700  # ~175 tokens for the tiny model
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_and_rejects():
+    assert {"textworldexpress", "textworld", "scienceworld", "alfworld", "webshop"} <= set(list_envs())
+    with pytest.raises(TaskError, match="known: .*textworldexpress"):
+        make_env(EnvConfig(name="nope"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_env("webshop", "services.envs.webshop:WebShopEnv")
+    with pytest.raises(TaskError, match="no attribute"):
+        make_env(EnvConfig(name="services.envs.webshop:Missing"))
+
+
+def test_module_attr_names_an_env():
+    env = make_env(EnvConfig(name="services.envs.webshop:WebShopEnv"))
+    assert env.name == "webshop"
+
+
+# --------------------------------------------------------------------------- base-class rules (catalogue shop)
+
+
+def test_reward_convention_truncation_and_order_errors():
+    env = make_env(EnvConfig(name="webshop", max_steps=3))
+    task = env.sample_tasks("train", 1, 0)[0]
+    with pytest.raises(TaskError):
+        env.step("look")
+    with pytest.raises(TaskError, match="belongs to env"):
+        env.reset(Task("alfworld", "x", 0, "train"))
+    env.reset(task)
+    results = [env.step("click[nothing]") for _ in range(3)]
+    assert [r.done for r in results] == [False, False, True]
+    assert results[-1].info["truncated"] and not results[-1].info["won"]
+    assert all(r.reward == 0.0 for r in results) and results[0].info["admissible"] is False
+    with pytest.raises(TaskError, match="after the episode ended"):
+        env.step("search[x]")
+    env = make_env(EnvConfig(name="webshop", max_steps=10))
+    env.reset(task)
+    for a in env.expert_actions():
+        r = env.step(a)
+    assert r.done and r.info["won"] and r.reward == 10.0 and r.info["score"] == 1.0
+
+
+# --------------------------------------------------------------------------- GuardedEnv
+
+
+class _Flaky(TextEnv):
+    """A TextEnv whose step misbehaves on demand (the wrapper under test sees a real TextEnv)."""
+
+    name = "flaky"
+    created = 0
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        type(self).created += 1
+        self.mode = "ok"
+        self.closed = threading.Event()
+
+    def sample_tasks(self, split, n, seed):
+        if split != "train":
+            raise TaskError("train only")
+        return [Task("flaky", f"t{i}", i, split) for i in range(n)]
+
+    def _reset(self, task):
+        return "start", {"admissible_actions": ["win", "wait"], "task_description": "win"}
+
+    def _step(self, action):
+        if self.mode == "raise":
+            raise RuntimeError("simulator crashed")
+        if self.mode == "hang":
+            self.closed.wait(10)
+        return "ok", {"admissible_actions": ["win"], "won": action == "win", "score": 1.0}
+
+    def close(self):
+        self.closed.set()
+
+
+def test_guarded_env_turns_failures_into_infra_errors_and_recreates():
+    _Flaky.created = 0
+    g = GuardedEnv(lambda: _Flaky(EnvConfig(name="flaky")), step_timeout_s=0.5)
+    task = g.sample_tasks("train", 1, 0)[0]
+    with pytest.raises(TaskError):  # caller errors pass through unchanged
+        g.sample_tasks("test", 1, 0)
+    g.reset(task)
+    assert g.step("win").reward == 10.0
+
+    g.reset(task)
+    g.env.mode = "raise"
+    with pytest.raises(EnvInfraError, match="simulator crashed"):
+        g.step("wait")
+    with pytest.raises(EnvInfraError, match="call reset"):
+        g.step("wait")
+    g.reset(task)  # a fresh env
+    assert _Flaky.created == 2 and g.restarts == 1
+
+    g.env.mode = "hang"
+    broken = g.env
+    t = time.perf_counter()
+    with pytest.raises(EnvInfraError, match="timed out"):
+        g.step("wait")
+    assert time.perf_counter() - t < 3.0
+    assert broken.closed.wait(2.0)  # the hung instance was closed
+    g.reset(task)
+    assert g.step("win").info["won"] and g.infra_failures == 2 and _Flaky.created == 3
+    g.close()
