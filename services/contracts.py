@@ -58,7 +58,8 @@ class StepRecord:
     def __post_init__(self) -> None:
         self.prompt_ids = _token_array(self.prompt_ids, "prompt_ids")
         self.response_ids = _token_array(self.response_ids, "response_ids")
-        self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
+        if not (type(self.logprobs) is np.ndarray and self.logprobs.dtype == np.float32):
+            self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
         if self.logprobs.ndim != 1:
             raise RecordError(f"logprobs must be 1-D, got shape {self.logprobs.shape}")
 
@@ -68,6 +69,8 @@ _I32_MAX = 2**31 - 1
 
 def _token_array(x: Any, name: str) -> np.ndarray:
     """Token ids as 1-D int32; refuses values that a silent int32 cast would wrap."""
+    if type(x) is np.ndarray and x.dtype == np.int32 and x.ndim == 1:
+        return x  # the common case (decoder, rollout worker): nothing to convert or check
     a = np.asarray(x)
     if a.ndim != 1:
         raise RecordError(f"{name} must be 1-D, got shape {a.shape}")
@@ -378,6 +381,13 @@ def _decode_columns(body: dict[str, Any], n_eps: int, ep_steps: np.ndarray) -> _
     return c
 
 
+def _split(arr: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """Views of ``arr`` cut at ``lengths`` (np.split costs ~50 us per piece; slicing ~0.3 us)."""
+    ends = np.cumsum(lengths).tolist()
+    starts = [0, *ends[:-1]]
+    return [arr[a:b] for a, b in zip(starts, ends, strict=True)]
+
+
 def decode_group(data: bytes, max_bytes: int = 64 * 1024 * 1024) -> GroupRecord:
     """Decode and validate; raises RecordError on anything unexpected."""
     body = _unpack(data, max_bytes)
@@ -392,9 +402,7 @@ def decode_group(data: bytes, max_bytes: int = 64 * 1024 * 1024) -> GroupRecord:
             raise RecordError(f"episodes[{ei}].n: negative step count")
     ep_steps = np.array([e["n"] for e in eps_wire], np.int64)
     c = _decode_columns(body, len(eps_wire), ep_steps)
-    p_split = np.split(c.p, np.cumsum(c.p_len)[:-1]) if len(c.p_len) else []
-    q_split = np.split(c.q, np.cumsum(c.q_len)[:-1]) if len(c.q_len) else []
-    lp_split = np.split(c.lp, np.cumsum(c.q_len)[:-1]) if len(c.q_len) else []
+    p_split, q_split, lp_split = _split(c.p, c.p_len), _split(c.q, c.q_len), _split(c.lp, c.q_len)
     rewards, valid, done, pv = c.reward.tolist(), c.valid.tolist(), c.done.tolist(), c.pv.tolist()
     episodes = []
     k = 0
