@@ -178,16 +178,24 @@ def _pair_baseline_sparse(features: Any, pair_group: np.ndarray, pair_text: np.n
     f.indices = (f.indices + np.repeat(pair_group, np.diff(f.indptr)) * dim).astype(np.int64)
     f = type(f)((f.data, f.indices, f.indptr), shape=(n_pairs, dim * (int(pair_group.max()) + 1)))
     c = (f @ f.T).tocsr()
-    row = np.repeat(np.arange(n_pairs), np.diff(c.indptr))
+    starts, counts = c.indptr[:-1], np.diff(c.indptr)
+    nonempty = counts > 0  # a pair whose text has no feature has no stored cosine at all
+
+    def row_sum(values: np.ndarray) -> np.ndarray:  # rows are contiguous in CSR
+        out = np.zeros(n_pairs)
+        if values.size:
+            out[nonempty] = np.add.reduceat(values, starts[nonempty])
+        return out
+
     logits = c.data / temperature
     top = np.zeros(n_pairs)  # max over the row incl. the implicit zeros (cos >= 0 here)
-    np.maximum.at(top, row, logits)
-    e = np.exp(logits - top[row])
+    if logits.size:
+        top[nonempty] = np.maximum(np.maximum.reduceat(logits, starts[nonempty]), 0.0)
+    e = np.exp(logits - np.repeat(top, counts))
     e0 = np.exp(-top)  # weight of each pair with cosine 0
+    s_col, m_col = s[c.indices], m[c.indices]
     g_s = np.bincount(pair_group, weights=s)[pair_group]
     g_m = np.bincount(pair_group, weights=m)[pair_group]
-    num = np.bincount(row, weights=e * s[c.indices], minlength=n_pairs)
-    den = np.bincount(row, weights=e * m[c.indices], minlength=n_pairs)
-    num += e0 * (g_s - np.bincount(row, weights=s[c.indices], minlength=n_pairs))
-    den += e0 * (g_m - np.bincount(row, weights=m[c.indices], minlength=n_pairs))
+    num = row_sum(e * s_col) + e0 * (g_s - row_sum(s_col))
+    den = row_sum(e * m_col) + e0 * (g_m - row_sum(m_col))
     return num / den
