@@ -57,7 +57,10 @@ def run_expert(env: TextEnv, task, cfg: EnvConfig) -> tuple[list[dict], bool, in
 
 def expert_episodes(cfg: EnvConfig, n_episodes: int, seed: int, split: str = "train",
                     env: TextEnv | None = None) -> tuple[list[dict], dict[str, Any]]:
-    """Examples from the won episodes of ``n_episodes`` sampled tasks, plus counts."""
+    """Examples from the won episodes of ``n_episodes`` sampled tasks, plus counts.
+
+    A caller-supplied ``env`` keeps its own step cap; make it at least the expert's plan length.
+    """
     # The expert's plan may be longer than the RL step cap; demonstrations need the whole plan.
     cfg = replace(cfg, max_steps=max(cfg.max_steps, int(cfg.options.get("expert_max_steps", 200))))
     own = env is None

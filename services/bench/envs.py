@@ -1,0 +1,142 @@
+"""`proxmo bench envs`: environment step throughput, each against a baseline in the same run.
+
+Scenarios (every number is env steps per second of wall time, replaying the
+expert's actions of the same sampled tasks; resets are not timed):
+
+- **twx_guarded_vs_raw**: TextWorldExpress ``twc`` (the CPU quick start game)
+  through :class:`GuardedEnv` (a helper thread and a deadline per call) vs the
+  bare adapter. Ratio ~1 means the fault guard is free.
+- **scienceworld_cached_vs_uncached**: ScienceWorld with the valid-action list,
+  replaying the same episode a second time (every prefix is in the cache, as
+  for group members 2..G) vs the first pass (nothing cached); and
+  ``scienceworld_no_valid_vs_uncached``: the list switched off.
+- **alfworld_steps_per_s** (generated games) and **webshop_steps_per_s**
+  (project catalogue): absolute rates, reported for BENCHMARKS.md.
+
+Baseline and variant alternate within one process, ``--repeat`` times, and the
+median is reported, so background load hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from services.config import EnvConfig
+
+
+def _replay(env, tasks, plans) -> tuple[int, float]:
+    steps, seconds = 0, 0.0
+    for task, plan in zip(tasks, plans):
+        env.reset(task)
+        t = time.perf_counter()
+        for a in plan:
+            r = env.step(a)
+            steps += 1
+            if r.done:
+                break
+        seconds += time.perf_counter() - t
+    return steps, seconds
+
+
+def _plans(env, tasks) -> list[list[str]]:
+    out = []
+    for t in tasks:
+        env.reset(t)
+        out.append([a.lower() for a in env.expert_actions()])
+    return out
+
+
+def bench_twx(episodes: int, repeat: int) -> dict:
+    from services.envs import GuardedEnv, make_env
+
+    cfg = EnvConfig(max_steps=50)
+    raw = make_env(cfg)
+    guarded = GuardedEnv(lambda: make_env(cfg), cfg.step_timeout_s)
+    try:
+        tasks = raw.sample_tasks("train", episodes, 0)
+        plans = _plans(raw, tasks)
+        r_raw, r_g = [], []
+        for _ in range(repeat):
+            n, s = _replay(raw, tasks, plans)
+            r_raw.append(n / s)
+            n, s = _replay(guarded, tasks, plans)
+            r_g.append(n / s)
+    finally:
+        raw.close()
+        guarded.close()
+    a, b = statistics.median(r_raw), statistics.median(r_g)
+    return {"scenario": "twx_guarded_vs_raw", "raw_steps_per_s": round(a, 1),
+            "guarded_steps_per_s": round(b, 1), "ratio": round(b / a, 3)}
+
+
+def bench_scienceworld(repeat: int) -> dict:
+    from services.envs import make_env
+
+    results = {"uncached": [], "cached": [], "no_valid": []}
+    for _ in range(repeat):
+        env = make_env(EnvConfig(name="scienceworld", game="find-living-thing", max_steps=100))
+        nv = make_env(EnvConfig(name="scienceworld", game="find-living-thing", max_steps=100,
+                                options={"valid_actions": False}))
+        try:
+            tasks = env.sample_tasks("train", 1, 0)
+            env.reset(tasks[0])
+            plans = [[a.lower() for a in env.expert_actions()]]
+            env._cache.clear()
+            for key, e in (("uncached", env), ("cached", env), ("no_valid", nv)):
+                n, s = _replay(e, tasks, plans)
+                results[key].append(n / s)
+        finally:
+            env.close()
+            nv.close()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {"scenario": "scienceworld_cached_vs_uncached", **{f"{k}_steps_per_s": round(v, 2) for k, v in med.items()},
+            "ratio": round(med["cached"] / med["uncached"], 2),
+            "no_valid_vs_uncached": round(med["no_valid"] / med["uncached"], 2)}
+
+
+def bench_absolute(name: str, cfg: EnvConfig, episodes: int) -> dict:
+    from services.envs import make_env
+
+    env = make_env(cfg)
+    try:
+        tasks = env.sample_tasks("train", episodes, 0)
+        plans = _plans(env, tasks)
+        n, s = _replay(env, tasks, plans)
+    finally:
+        env.close()
+    return {"scenario": f"{name}_steps_per_s", "steps": n, "steps_per_s": round(n / s, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="proxmo bench envs", description=__doc__.splitlines()[0])
+    ap.add_argument("--episodes", type=int, default=20, help="TextWorldExpress / WebShop episodes")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of: twx, scienceworld, alfworld, webshop")
+    ap.add_argument("--quick", action="store_true", help="smoke run: few episodes, one repeat, no ScienceWorld")
+    ap.add_argument("--json", default="", help="write the results here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    skip = {s for s in args.skip.split(",") if s}
+    episodes, repeat = (4, 1) if args.quick else (args.episodes, args.repeat)
+    if args.quick:
+        skip.add("scienceworld")
+    rows = []
+    if "twx" not in skip:
+        rows.append(bench_twx(episodes, repeat))
+    if "scienceworld" not in skip:
+        rows.append(bench_scienceworld(repeat))
+    if "alfworld" not in skip:
+        rows.append(bench_absolute("alfworld", EnvConfig(name="alfworld", game="pick", max_steps=50,
+                                                        options={"source": "generated"}), 2 if args.quick else 4))
+    if "webshop" not in skip:
+        rows.append(bench_absolute("webshop", EnvConfig(name="webshop", max_steps=15), episodes * 5))
+    for row in rows:
+        print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0

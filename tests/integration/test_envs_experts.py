@@ -1,0 +1,65 @@
+"""Expert demonstrations in the agent protocol, and the `proxmo envs check` / `demos` commands."""
+
+from __future__ import annotations
+
+import json
+
+from services.config import EnvConfig
+from services.envs import make_env
+from services.envs.check import main as check_main
+from services.envs.experts import expert_episodes, expert_examples
+from services.envs.experts import main as demos_main
+from services.envs.protocol import parse_action
+
+
+def test_twc_expert_examples_follow_the_protocol():
+    cfg = EnvConfig()  # quick-start default: twc, 1 location, 2 items, max_steps 10
+    env = make_env(cfg)
+    examples, stats = expert_episodes(cfg, n_episodes=4, seed=0, env=env)
+    assert stats == {"episodes": 4, "won": 4, "dropped": 0}
+    assert examples == expert_episodes(cfg, 4, 0, env=env)[0]  # deterministic
+    by_episode: dict[str, list[dict]] = {}
+    for ex in examples:
+        by_episode.setdefault(ex["task_id"], []).append(ex)
+        assert ex["task_type"] == "twc"
+        assert [m["role"] for m in ex["messages"]] == ["system", "user"]
+        parsed = parse_action(ex["response"], cfg.max_action_chars)
+        assert parsed.valid and parsed.action == parsed.action.lower()
+        # The demonstrated action is one of the admissible actions shown in that prompt.
+        actions_line = ex["messages"][1]["content"].rsplit("Actions: ", 1)[1]
+        assert parsed.action in actions_line.split(" | ")
+    assert len(by_episode) == 4
+    for steps in by_episode.values():
+        assert [e["step"] for e in steps] == list(range(len(steps)))
+        assert f"Step {len(steps)}." in steps[-1]["messages"][1]["content"]
+
+    # Replaying the demonstrated actions wins every episode (nothing was dropped or invented).
+    try:
+        for task in env.sample_tasks("train", 4, 0):
+            env.reset(task)
+            for ex in by_episode[task.task_id]:
+                r = env.step(parse_action(ex["response"], 200).action)
+            assert r.info["won"]
+    finally:
+        env.close()
+
+
+def test_expert_examples_webshop():
+    rows = expert_examples(EnvConfig(name="webshop", max_steps=15), 3, 0, split="dev")
+    assert {r["step"] for r in rows} >= {0, 1, 2, 3} and all("WebShop" in r["messages"][1]["content"] for r in rows)
+
+
+def test_demos_cli_writes_jsonl(tmp_path):
+    out = tmp_path / "demos.jsonl"
+    assert demos_main(["--out", str(out), "--episodes", "2", "name=webshop", "max_steps=15"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(r["response"].startswith("<think>") for r in rows)
+    assert rows[0]["response"].endswith("</action>") and "search[" in rows[0]["response"]
+    assert demos_main(["--out", str(out), "bogus=1"]) == 2
+
+
+def test_envs_check_reports_and_counts(capsys):
+    assert check_main(["--envs", "webshop,textworldexpress", "--quick", "--episodes", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "2 passed, 0 failed"
+    assert any("webshop" in ln and "2/2 (100.0%)" in ln and "steps/s" in ln for ln in lines)
