@@ -9,7 +9,8 @@ kubectl (CI images, laptops). It implements only the subset of kustomize that
 * ``labels`` with ``pairs`` (metadata labels only: no selectors, no templates),
 * ``images`` (``newName`` / ``newTag`` / ``digest`` on every ``containers`` and
   ``initContainers`` entry, in any kind, as kustomize does for custom resources),
-* ``configMapGenerator`` (``files``, ``literals``; ``behavior`` create/replace/merge)
+* ``configMapGenerator`` (``files``, ``literals``, ``options.labels/annotations``;
+  ``behavior`` create/replace/merge)
   with ``generatorOptions.disableNameSuffixHash: true``,
 * ``patches`` given as JSON6902 operations (add, remove, replace, test) selected by
   ``target`` kind/name, or strategic-merge patches without lists.
@@ -110,7 +111,11 @@ def _generate_configmaps(directory: Path, kz: dict[str, Any], docs: list[dict[st
         if behavior == "create":
             if existing:
                 raise RenderError(f"{directory}: configMapGenerator {name} already exists (use behavior: replace)")
-            docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
+            meta: dict[str, Any] = {"name": name}
+            for key in ("labels", "annotations"):
+                if (gen.get("options") or {}).get(key):
+                    meta[key] = dict(gen["options"][key])
+            docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
         elif behavior in ("replace", "merge"):
             if not existing:
                 raise RenderError(f"{directory}: configMapGenerator {name}: nothing to {behavior}")
