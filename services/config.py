@@ -79,6 +79,12 @@ class ServingConfig:
     swap_drain_timeout_s: float = 30.0  # in-flight requests past this are aborted (marked) by a weight swap
     weight_poll_s: float = 1.0  # replica long-poll period on the WeightStore (also its heartbeat)
     session_affinity: bool = True  # route one episode (session id) to one replica (prefix cache)
+    max_ongoing_requests: int = 256  # per replica; the engine batches them (Serve's default of 5 starves it)
+    logprobs_mode: str = "raw_logprobs"  # vLLM: raw_logprobs (temperature-1 distribution) | processed_logprobs
+    seed: int = 0  # engine seed (per-request seeds override it)
+    swap_drain_timeout_s: float = 30.0  # in-flight requests past this are aborted (marked) by a weight swap
+    weight_poll_s: float = 1.0  # replica long-poll period on the WeightStore (also its heartbeat)
+    session_affinity: bool = True  # route one episode (session id) to one replica (prefix cache)
 
 
 @dataclass

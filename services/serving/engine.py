@@ -1,0 +1,131 @@
+"""The inference engine behind a PolicyServer replica: vLLM's async engine (CPU or CUDA build).
+
+One class for both builds: the CPU build needs a small ``gpu_memory_utilization``
+(the host-memory fraction it reserves), ``VLLM_CPU_KVCACHE_SPACE`` and eager mode;
+the CUDA build takes ``tensor_parallel_size`` from the config. Weight updates go
+through our worker extension (``worker_ext.py``): the replica stages the packed
+weights as a safetensors file and the engine reloads them in place.
+
+The engine object is injected into :class:`~services.serving.server.PolicyServer`;
+anything with the same async methods (``generate``, ``reload``, ``pause``,
+``resume``, ``check_health``, ``shutdown``) can stand in for it, e.g. the GPU
+NCCL path in ``gpu.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from services.config import ModelConfig, ServingConfig
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "services.serving.worker_ext.ProxmoWorkerExtension"
+
+
+@dataclass
+class EngineOutput:
+    """One finished sequence as the engine produced it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+
+
+def _on_gpu(serving_cfg: ServingConfig) -> bool:
+    return serving_cfg.num_gpus > 0
+
+
+def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig) -> Any:
+    """AsyncEngineArgs for this model and serving config (sets the CPU KV-cache env var)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if not _on_gpu(serving_cfg):
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(serving_cfg.kv_cache_gib)
+    return AsyncEngineArgs(
+        model=model_cfg.path,
+        tokenizer=model_cfg.path,
+        dtype=model_cfg.dtype,
+        max_model_len=model_cfg.max_model_len,
+        trust_remote_code=model_cfg.trust_remote_code,
+        gpu_memory_utilization=serving_cfg.gpu_memory_utilization,
+        enforce_eager=serving_cfg.enforce_eager,
+        tensor_parallel_size=serving_cfg.tensor_parallel_size,
+        worker_extension_cls=WORKER_EXTENSION,
+        logprobs_mode=serving_cfg.logprobs_mode,
+        enable_prefix_caching=True,
+        disable_log_stats=True,
+        seed=serving_cfg.seed,
+    )
+
+
+class VLLMEngine:
+    """vLLM ``AsyncLLM`` with the few calls a PolicyServer needs."""
+
+    def __init__(self, model_cfg: ModelConfig, serving_cfg: ServingConfig) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_cfg = model_cfg
+        self.serving_cfg = serving_cfg
+        self._llm = AsyncLLM.from_engine_args(engine_args(model_cfg, serving_cfg))
+
+    @property
+    def raw(self) -> Any:
+        """The underlying vLLM engine (benchmarks call it directly)."""
+        return self._llm
+
+    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any], request_id: str) -> EngineOutput:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=1,
+            temperature=float(sampling.get("temperature", 1.0)),
+            top_p=float(sampling.get("top_p", 1.0)),
+            max_tokens=int(sampling.get("max_tokens", 32)),
+            logprobs=0,  # the sampled token's log-prob only
+            seed=sampling.get("seed"),
+            stop=sampling.get("stop") or None,
+            stop_token_ids=sampling.get("stop_token_ids") or None,
+            skip_special_tokens=True,
+        )
+        final = None
+        async for out in self._llm.generate({"prompt_token_ids": list(prompt_ids)}, params, request_id):
+            final = out
+        if final is None or not final.outputs:
+            raise RuntimeError(f"engine returned no output for request {request_id}")
+        seq = final.outputs[0]
+        ids = list(seq.token_ids)
+        lps = [float(seq.logprobs[i][tok].logprob) for i, tok in enumerate(ids)] if seq.logprobs else []
+        if len(lps) != len(ids):
+            raise RuntimeError(f"engine returned {len(lps)} log-probs for {len(ids)} tokens")
+        return EngineOutput(ids, lps, seq.text, str(seq.finish_reason or "abort"), len(prompt_ids))
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def reload(self, weights_dir: str) -> dict[str, Any]:
+        """Load ``weights_dir``/model.safetensors into every worker, in place."""
+        results = await self._llm.collective_rpc("proxmo_reload", kwargs={"weights_path": str(weights_dir)})
+        return results[0] if results else {}
+
+    async def tied_heads(self) -> int:
+        results = await self._llm.collective_rpc("proxmo_tied_heads")
+        return int(results[0]) if results else 0
+
+    async def pause(self, mode: str = "wait") -> None:
+        """Stop scheduling; ``mode`` wait|abort for in-flight requests; KV and prefix cache cleared."""
+        await self._llm.pause_generation(mode=mode, clear_cache=True)
+
+    async def resume(self) -> None:
+        await self._llm.resume_generation()
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
