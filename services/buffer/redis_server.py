@@ -25,7 +25,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import weakref
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -129,7 +128,9 @@ def _auth_error(url: str, exc: Exception) -> RedisAuthError:
     return RedisAuthError(f"Redis at {redact_url(url)} requires a password; the URL has none ({exc})")
 
 
-_LIVE: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
+# Strong references on purpose: `EmbeddedRedis().start()` without keeping the
+# object must still stop the server at exit, not leak it when the object is collected.
+_LIVE: set[EmbeddedRedis] = set()
 
 
 @atexit.register

@@ -351,3 +351,38 @@ def test_embedded_server_lifecycle(tmp_path):
         assert data_dir is not None and data_dir.exists()
         assert connect_redis(temp.url).ping()
     assert not data_dir.exists()  # a temporary one is removed
+
+
+def test_embedded_server_is_stopped_at_interpreter_exit():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from services.buffer import EmbeddedRedis\n"
+        "print(EmbeddedRedis().start() and 'up', flush=True)\n"  # object not kept on purpose
+        "import gc; gc.collect()\n"
+        "from services.buffer import redis_server\n"
+        "print([s.pid for s in redis_server._LIVE][0], flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_resolve_redis_prefers_configured_url(monkeypatch):
+    from services.buffer import resolve_redis
+
+    monkeypatch.setenv("REDIS_URL", "redis://:env@10.0.0.1:6379/0")
+    assert resolve_redis("rediss://:cfg@example:6380/1") == ("rediss://:cfg@example:6380/1", None)
+    assert resolve_redis("") == ("redis://:env@10.0.0.1:6379/0", None)
+    monkeypatch.delenv("REDIS_URL")
+    url, server = resolve_redis("")
+    try:
+        assert server is not None and server.running() and url == server.url
+        assert connect_redis(url).ping()
+    finally:
+        server.stop()
