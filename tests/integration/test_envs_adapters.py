@@ -188,9 +188,8 @@ def test_alfworld_all_task_types_both_experts(task_type, expert, alf_cache):
 
 def test_alfworld_benchmark_layout_is_read_like_alfworld(tmp_path, alf_cache):
     """Lay generated games out as json_2.1.1/<split>/<task>/<trial>/ and load them as the benchmark."""
-    from services.envs import alfworld_gen as gen
-
-    src = gen.generate(alf_cache, "train", "pick", 0)  # reuse the pick game when cached
+    with alf_env(alf_cache, "pick") as gen_env:  # the pick game of the test above (cached)
+        src = gen_env.game_path(gen_env.sample_tasks("train", 1, 0)[0])
     root = tmp_path / "alfworld_data"
     for name in ("pick_and_place_simple-Mug-None-Desk-1/trial_1", "pick_and_place_simple-Mug-None-Desk-1/trial_2",
                  "pick_and_place_simple-movable-x/trial_3"):
