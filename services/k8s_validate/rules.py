@@ -51,6 +51,7 @@ from .security import (
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_KUBERAY_PORTS = {6379: "gcs-server", 8265: "dashboard", 10001: "client", 8080: "metrics", 8000: "serve"}
 # KubeRay appends 6 characters to RayJob/RayService names to name their RayCluster.
 _NAME_LIMIT = {"RayCluster": 63, "RayJob": 57, "RayService": 57}
 
@@ -138,8 +139,13 @@ def rule_operator(docs, ctx) -> Iterator[Check]:
                 errors.append(f"group {g.name}: rayStartParams.resources is not a JSON object string: {exc}")
             if not g.is_head and not _DNS1123.match(g.name):
                 errors.append(f"group name {g.name!r} must be a DNS-1123 label")
-        if spec.get("gcsFaultToleranceOptions"):
-            head = groups(doc)[0]
+        head = groups(doc)[0] if groups(doc) else None
+        for port in (head.ray_container.get("ports") or []) if head else []:
+            expected = _KUBERAY_PORTS.get(port.get("containerPort"))
+            if expected and port.get("name") != expected:
+                errors.append(f"head port {port.get('containerPort')} is named {port.get('name')!r}; KubeRay "
+                              f"builds its head Service from port names and expects {expected!r}")
+        if spec.get("gcsFaultToleranceOptions") and head is not None:
             env = env_map(head.ray_container)
             for var in ("REDIS_PASSWORD", "RAY_REDIS_ADDRESS"):
                 if var in env:

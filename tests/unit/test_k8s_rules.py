@@ -73,6 +73,11 @@ def m_bad_resources_string(docs):
     _group(docs, "RayJob", "rollout").spec["rayStartParams"]["resources"] = "rollout=8"
 
 
+def m_head_port_name(docs):
+    ports = _group(docs, "RayJob", "head").ray_container["ports"]
+    next(p for p in ports if p["containerPort"] == 6379)["name"] = "gcs"
+
+
 def m_gcs_env_conflict(docs):
     head = _group(docs, "RayService", "head").ray_container
     head.setdefault("env", []).append({"name": "REDIS_PASSWORD", "value": "x"})
@@ -208,6 +213,7 @@ PLANTED = [
     ("autoscaling", "enableInTreeAutoscaling", m_no_autoscaling),
     ("operator", "not a JSON object string", m_bad_resources_string),
     ("operator", "REDIS_PASSWORD conflicts", m_gcs_env_conflict),
+    ("operator", "expects 'gcs-server'", m_head_port_name),
     ("config", "unknown key(s) ['learner_typo']", m_config_unknown_key),
     ("config", "ray.address is empty", m_config_local_ray),
     ("custom-resources", "resource rollout=1 but no worker group", m_no_rollout_resource),
