@@ -209,3 +209,11 @@ def test_cli_fails_on_planted_file_errors_with_the_builtin_renderer(tmp_path, ca
     assert "FAIL  exposure          k8s/stray.yaml: Service/x" in out
     assert "rayVersion '2.60.0' != ray pinned in pyproject.toml (2.61.0)" in out
     assert "ARG RAY_VERSION=2.60.0 but pyproject.toml pins ray==2.61.0" in out
+
+
+def test_vendored_crds_are_the_shared_ones_unchanged():
+    shared = ROOT.parent / "shared" / "kuberay-crds-v1.7.0"
+    if not shared.is_dir():
+        pytest.skip("../shared/kuberay-crds-v1.7.0 not beside the repository")
+    for path in sorted(shared.iterdir()):
+        assert (schemas.CRD_DIR / path.name).read_bytes() == path.read_bytes(), path.name
