@@ -217,3 +217,17 @@ def test_vendored_crds_are_the_shared_ones_unchanged():
         pytest.skip("../shared/kuberay-crds-v1.7.0 not beside the repository")
     for path in sorted(shared.iterdir()):
         assert (schemas.CRD_DIR / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_grafana_dashboard_queries_metrics_the_driver_exports():
+    """Each ray_proxmo_* series in the dashboard is a key the driver logs (services.metrics naming)."""
+    import json
+    import re
+
+    from services.metrics import metric_name
+
+    dash = json.loads((ROOT / "deploy" / "grafana" / "proxmo-training.json").read_text())
+    driver = (ROOT / "services" / "driver.py").read_text()
+    exported = {"ray_" + metric_name(k) for k in re.findall(r'"([a-z_]+/[a-z_]+)"', driver)}
+    used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"ray_proxmo_\w+", t["expr"])}
+    assert used and used <= exported, used - exported
