@@ -187,3 +187,23 @@ def test_guarded_env_turns_failures_into_infra_errors_and_recreates():
     g.reset(task)
     assert g.step("win").info["won"] and g.infra_failures == 2 and _Flaky.created == 3
     g.close()
+
+
+# --------------------------------------------------------------------------- ALFWorld generator (no engine)
+
+
+def test_alfworld_problem_generation_is_deterministic_and_split_aware():
+    gen = pytest.importorskip("services.envs.alfworld_gen")
+    pytest.importorskip("alfworld")
+    a = gen.build_problem(1, "heat", 7)
+    assert a == gen.build_problem(1, "heat", 7)
+    assert a[0] != gen.build_problem(1, "heat", 8)[0]
+    problem, traj, desc = a
+    assert traj["task_type"] == "pick_heat_then_place_in_recep" and traj["pddl_params"]["object_target"]
+    assert "(heatable " in problem and "MicrowaveType" in problem and desc in traj["turk_annotations"]["anns"][0].values()
+    assert set(gen.split_scenes("valid_unseen")) == set(gen.UNSEEN_SCENES)
+    assert not set(gen.split_scenes("train")) & set(gen.UNSEEN_SCENES)
+    with pytest.raises(gen.GenerationError, match="do not occur"):
+        gen.build_problem(301, "heat", 0)  # a bedroom has no microwave task
+    with pytest.raises(gen.GenerationError, match="unknown task type"):
+        gen.build_problem(1, "slice", 0)
