@@ -66,6 +66,7 @@ class PolicyClient:
         self.deployment_name = deployment_name
         self.request_timeout_s = request_timeout_s
         self.scaler: Any = None  # set by deploy_policy: set_replicas(min, max=None)
+        self._running_cache, self._running_at = 1, -1e9
         if isinstance(target, str):
             self.mode = "http"
             self.base_url = target.rstrip("/")
@@ -92,10 +93,29 @@ class PolicyClient:
             coros = [self.target.generate(p, params, session_id=s, min_version=min_version)
                      for p, s in zip(prompt_ids, sids)]
             return [Generation.from_result(r) for r in await asyncio.gather(*coros)]
+        if session_ids is None:  # no affinity wanted: one call per replica-sized chunk
+            chunks = self._chunks(prompt_ids)
+            calls = [self.target.generate_batch.remote(c, params, min_version=min_version) for c in chunks]
+            parts = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.request_timeout_s)
+            return [Generation.from_result(r) for part in parts for r in part]
         calls = [self.target.generate.remote(p, params, session_id=s, min_version=min_version)
                  for p, s in zip(prompt_ids, sids)]
         results = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.request_timeout_s)
         return [Generation.from_result(r) for r in results]
+
+    def _chunks(self, prompt_ids: list[list[int]]) -> list[list[list[int]]]:
+        """Split a batch evenly over the running replicas (one Serve call each, order kept).
+
+        Per-prompt calls cost a routing probe and an actor call each, which on a small
+        machine takes CPU from the engine; prompts without a session id need no affinity.
+        """
+        now = time.monotonic()
+        if now - self._running_at > 5.0:
+            self._running_cache = max(1, self.running_replicas() or 1)
+            self._running_at = now
+        k = min(self._running_cache, len(prompt_ids)) or 1
+        size = -(-len(prompt_ids) // k)
+        return [prompt_ids[i: i + size] for i in range(0, len(prompt_ids), size)]
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig | dict[str, Any], *,
                  min_version: int | None = None, session_ids: list[str] | None = None) -> list[Generation]:
@@ -105,9 +125,12 @@ class PolicyClient:
             return asyncio.run(self.agenerate(prompt_ids, sampling, min_version=min_version,
                                               session_ids=session_ids))
         params = sampling_dict(sampling)
-        sids = session_ids or [None] * len(prompt_ids)
+        if session_ids is None:
+            calls = [self.target.generate_batch.remote(c, params, min_version=min_version)
+                     for c in self._chunks(prompt_ids)]
+            return [Generation.from_result(r) for c in calls for r in c.result(timeout_s=self.request_timeout_s)]
         calls = [self.target.generate.remote(p, params, session_id=s, min_version=min_version)
-                 for p, s in zip(prompt_ids, sids)]
+                 for p, s in zip(prompt_ids, session_ids)]
         return [Generation.from_result(c.result(timeout_s=self.request_timeout_s)) for c in calls]
 
     async def _http_generate(self, prompt_ids: list[list[int]], params: dict[str, Any],

@@ -92,6 +92,7 @@ class VLLMEngine:
             stop=sampling.get("stop") or None,
             stop_token_ids=sampling.get("stop_token_ids") or None,
             skip_special_tokens=True,
+            ignore_eos=bool(sampling.get("ignore_eos", False)),  # benchmarks: fixed-length outputs
         )
         final = None
         async for out in self._llm.generate({"prompt_token_ids": list(prompt_ids)}, params, request_id):
