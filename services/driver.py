@@ -302,6 +302,14 @@ class TrainingRun:
             self._task_env.close()
         if self.pool is not None:
             self.pool.shutdown()
+        if self.learner is not None:
+            try:
+                import ray
+
+                ray.kill(self.learner, no_restart=True)
+                ray.kill(self.control, no_restart=True)
+            except Exception:  # already gone
+                pass
         try:
             import ray
             from ray import serve

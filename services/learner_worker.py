@@ -52,18 +52,26 @@ class LearnerWorker:
     # ------------------------------------------------------------------ stages
 
     def collect(self, n_groups: int, timeout_s: float) -> tuple[list[Any], list[str], dict[str, float]]:
-        """Read until ``n_groups`` fresh groups arrived; stale ones are dropped (and acked) by the buffer."""
+        """Consume ``n_groups`` groups (the number the driver dispatched for this iteration).
+
+        Stale groups (more than ``buffer.max_staleness`` versions behind) are dropped,
+        acked and counted by the buffer; the batch is then smaller, but the learner
+        never waits for groups that will not come.
+        """
         groups, ids, dropped = [], [], 0
         deadline = time.monotonic() + timeout_s
-        while len(groups) < n_groups:
+        while len(groups) + dropped < n_groups:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"learner waited {timeout_s:.0f} s for {n_groups} groups, got {len(groups)}")
-            deliveries = self.buffer.read(n_groups - len(groups), block_ms=1000)
+                raise TimeoutError(f"learner waited {timeout_s:.0f} s for {n_groups} groups, got {len(groups) + dropped}")
+            deliveries = self.buffer.read(n_groups - len(groups) - dropped, block_ms=1000)
             fresh, stale = self.buffer.split_stale(deliveries, self.learner.version)
+            if stale:
+                log.warning("dropped %d stale group(s) (versions %s, learner at %d)", len(stale),
+                            [d.group.policy_version for d in stale], self.learner.version)
             dropped += len(stale)
             groups.extend(d.group for d in fresh)
             ids.extend(d.msg_id for d in fresh)
-        lags = [self.learner.version - g.policy_version for g in groups]
+        lags = [self.learner.version - g.policy_version for g in groups] or [0]
         return groups, ids, {"buffer/dropped_stale": float(dropped), "staleness/mean": sum(lags) / len(lags),
                              "staleness/max": float(max(lags))}
 
@@ -88,7 +96,10 @@ class LearnerWorker:
         t0 = time.perf_counter()
         groups, ids, m = self.collect(n_groups, timeout_s)
         t1 = time.perf_counter()
-        m.update(self.learner.update(groups))
+        if groups:
+            m.update(self.learner.update(groups))
+        else:
+            m["skipped"] = 1.0
         t2 = time.perf_counter()
         m["time/weight_sync_s"] = self.publish()
         self.unacked.extend(ids)

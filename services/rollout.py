@@ -83,6 +83,7 @@ class RolloutWorker:
         self.max_model_len = max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._envs: list[GuardedEnv] = []
+        self._last_version = 0  # newest policy version seen in a response
         self.stats = {"env_steps": 0, "groups": 0, "episodes": 0, "infra_failures": 0, "env_seconds": 0.0,
                       "policy_seconds": 0.0, "busy_seconds": 0.0}
 
@@ -175,6 +176,7 @@ class RolloutWorker:
         return None
 
     def _act(self, ep: _Episode, prompt_ids: list[int], gen) -> None:
+        self._last_version = max(self._last_version, int(gen.policy_version))
         parsed = parse_action(gen.text, self.env_cfg.max_action_chars)
         anchor = ep.observation
         reward, done, info = 0.0, False, {}
@@ -220,7 +222,9 @@ class RolloutWorker:
         versions = [s.policy_version for e in records for s in e.steps]
         group = GroupRecord(task_id=a.task.task_id, episodes=records, env_name=a.task.env_name,
                             task_type=records[0].task_type or a.task.task_type, worker_id=self.worker_id,
-                            policy_version=min(versions) if versions else 0, group_id=a.group_id,
+                            # A group whose episodes all failed before any step carries the newest
+                            # version this worker has seen, so it is not mistaken for a stale one.
+                            policy_version=min(versions) if versions else self._last_version, group_id=a.group_id,
                             finished_at=time.time())
         pushed = False
         if push and self.buffer is not None:

@@ -58,7 +58,21 @@ def loop_env(tmp_path, redis_url, policy_app):
     policy_app.restore_initial()
 
 
-def test_sync_training_commits_checkpoints_and_counts(loop_env):
+def _scrape(url: str, needles: list[str], timeout_s: float = 60.0) -> str:
+    """Prometheus text from the node's metrics agent once every needle shows (export is periodic)."""
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    body = ""
+    while time.time() < deadline:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        if all(n in body for n in needles):
+            return body
+        time.sleep(2)
+    return body
+
+
+def test_sync_training_commits_checkpoints_and_counts(loop_env, ray_metrics_url):
     tmp_path, redis_url, app = loop_env
     cfg = _cfg(tmp_path, redis_url, app.model_dir)
     run, result, stats, rows = _run(cfg, app)
@@ -70,7 +84,18 @@ def test_sync_training_commits_checkpoints_and_counts(loop_env):
     train_rows = [r for r in rows if "policy_version" in r]
     assert len(train_rows) == 2
     assert all(r["staleness/max"] <= 0 for r in train_rows)  # sync: rollouts use the newest weights
-    assert 0.0 <= result["success_after"] <= 1.0 and result["eval_episodes"] == 4
+    # The session's tiny tokenizer is trained on little text, so a long game prompt may not fit the
+    # context: such an episode is an infrastructure failure (masked), never a silent zero.
+    evals = [r for r in rows if "eval/episodes" in r]
+    assert all(r["eval/episodes"] + r["eval/infra_failures"] == 4 for r in evals), evals
+    assert 0.0 <= result["success_after"] <= 1.0
+    # The dashboard's metrics: the custom gauges reach the node's Prometheus endpoint.
+    needles = [f'ray_proxmo_{k}{{' for k in ("rollout_success_rate", "policy_version", "adv_mean",
+                                            "buffer_depth", "time_weight_sync_s", "learner_idle_ratio")]
+    body = _scrape(ray_metrics_url, needles)
+    missing = [n for n in needles if n not in body]
+    assert not missing, missing
+    assert f'run="{cfg.run_name}"' in body
 
 
 def test_async_mode_overlaps_within_the_lag_bound(loop_env):
