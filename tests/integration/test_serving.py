@@ -23,7 +23,11 @@ def hf_model(model_dir, state_dict=None):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     if state_dict is not None:
-        model.load_state_dict(state_dict)
+        # tied checkpoints carry no lm_head.weight: it is the embedding Parameter itself
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        if missing:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
     return model.eval()
 
 
