@@ -45,9 +45,17 @@ def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig) -> Any:
     """AsyncEngineArgs for this model and serving config (sets the CPU KV-cache env var)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    if not _on_gpu(serving_cfg):
+    extra: dict[str, Any] = {}
+    if _on_gpu(serving_cfg):
+        from services.serving.gpu import nccl_engine_kwargs
+
+        extra.update(nccl_engine_kwargs())
+        if serving_cfg.tensor_parallel_size > 1:
+            extra["distributed_executor_backend"] = "ray"  # workers in the replica's placement group
+    else:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(serving_cfg.kv_cache_gib)
     return AsyncEngineArgs(
+        **extra,
         model=model_cfg.path,
         tokenizer=model_cfg.path,
         dtype=model_cfg.dtype,

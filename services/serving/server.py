@@ -142,29 +142,50 @@ class PolicyServer:
             data = await _resolve_payload(payload)
             if data is None or len(data) < 8:
                 raise WeightError(f"replica {self.replica_id}: empty weight payload for version {version}")
-            stage_weights(data, self._stage)
+            stage_weights(data, self._stage)  # before the gate closes: requests keep flowing
             t_staged = time.perf_counter()
-            self._open.clear()
+            await self.begin_swap()
+            ok = False
             try:
-                drained = await self._drain(self.cfg.swap_drain_timeout_s)
-                if not drained:
-                    self._aborted_by_swap.update(self._inflight)
-                    log.warning("replica %s: %d requests aborted by the swap to v%d",
-                                self.replica_id, len(self._inflight), version)
-                await self.engine.pause("wait" if drained else "abort")
-                try:
-                    info = await self.engine.reload(str(self._stage))
-                finally:
-                    await self.engine.resume()
-                self.version = version
-                self.swaps += 1
+                info = await self.engine.reload(str(self._stage))
+                ok = True
             finally:
-                self._open.set()
+                await self.end_swap(version if ok else None)
             t_end = time.perf_counter()
         log.info("replica %s: now at v%d (stage %.3fs, swap %.3fs)", self.replica_id, version,
                  t_staged - t0, t_end - t_staged)
         return {"version": version, "applied": True, "stage_s": t_staged - t0,
                 "swap_s": t_end - t_staged, **(info or {})}
+
+    async def begin_swap(self) -> bool:
+        """Close the gate, drain (or abort and mark) in-flight requests, pause the engine."""
+        self._open.clear()
+        drained = await self._drain(self.cfg.swap_drain_timeout_s)
+        if not drained:
+            self._aborted_by_swap.update(self._inflight)
+            log.warning("replica %s: %d requests aborted by a weight swap", self.replica_id, len(self._inflight))
+        try:
+            await self.engine.pause("wait" if drained else "abort")
+        except BaseException:
+            self._open.set()
+            raise
+        return drained
+
+    async def end_swap(self, version: int | None) -> None:
+        """Resume the engine; adopt ``version`` (None: the update failed, keep the old label)."""
+        try:
+            await self.engine.resume()
+            if version is not None and version > self.version:
+                self.version = version
+                self.swaps += 1
+        finally:
+            self._open.set()
+
+    async def weight_sync(self, op: str, payload: Any = None, version: int = 0) -> dict[str, Any]:
+        """GPU path: one step of an NCCL weight update driven by the learner (see gpu.py)."""
+        from services.serving.gpu import replica_weight_sync
+
+        return await replica_weight_sync(self, op, payload, version)
 
     async def _drain(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
