@@ -46,6 +46,14 @@ def assert_deterministic(env, task, actions):
     assert run() == run()
 
 
+def assert_tolerates_garbage(env, task):
+    """Invalid model output reaches the env as "" or junk: the env answers, it does not fail or end."""
+    env.reset(task)
+    for junk in ("", "blorp the zork", "x" * 300):
+        r = env.step(junk)
+        assert not r.done and r.reward == 0.0 and r.info["admissible"] is not True
+
+
 def assert_won(r):
     assert r.done and r.info["won"] and r.reward == 10.0, r.info
 
@@ -71,6 +79,7 @@ def test_twx_twc_expert_determinism_and_folds(twc_env):
         assert info["task_type"] == "twc" and info["admissible_actions"] and info["task_description"]
         assert 0.99 <= r.info["score"] <= 1.0
     assert_deterministic(twc_env, tasks[0], ["look around", "inventory", "look around"])
+    assert_tolerates_garbage(twc_env, tasks[0])
     with pytest.raises(TaskError, match="unknown split"):
         twc_env.sample_tasks("nope", 1, 0)
 
@@ -132,6 +141,7 @@ def test_textworld_generated_game(tw_cache):
         assert_won(r)
         assert r.info["score"] == 1.0 and info["task_description"]
         assert_deterministic(env, task, ["look", "inventory"])
+        assert_tolerates_garbage(env, task)
     assert len([f for f in os.listdir(tw_cache) if f.endswith(".z8")]) == 1  # cached, generated once
 
 
@@ -173,6 +183,7 @@ def test_alfworld_generated_games_run_in_the_real_engine(task_type, alf_cache):
         assert trace[0].startswith("-= Welcome to TextWorld, ALFRED! =-")
         assert info["task_description"] and "go to" in " ".join(info["admissible_actions"])
         assert_deterministic(env, task, env.expert_actions()[:2])
+        assert_tolerates_garbage(env, task)
 
 
 @pytest.mark.slow
@@ -228,6 +239,7 @@ def test_scienceworld_short_task_expert_and_cache(sw_env):
     hits = sw_env.cache_hits
     plan = [a.lower() for a in sw_env.expert_actions()]
     assert_deterministic(sw_env, task, plan[:3])
+    assert_tolerates_garbage(sw_env, task)
     assert sw_env.cache_hits > hits  # replayed prefixes reuse the valid-action lists
 
 
@@ -259,5 +271,6 @@ def test_webshop_catalog_score_success_split():
             r = env.step(a)
         assert r.done and 0 < r.info["score"] < 1 and not r.info["won"] and r.info["lost"] and r.reward == 0.0
         assert_deterministic(env, task, plan)
+        assert_tolerates_garbage(env, task)
     with pytest.raises(TaskError, match="not a WebShop checkout"):
         make_env(EnvConfig(name="webshop", data_path="/nonexistent"))
