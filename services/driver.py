@@ -32,6 +32,7 @@ from services.rollout import Assignment, GroupSummary, RolloutWorker
 log = logging.getLogger("proxmo")
 
 CONTROL_ACTOR = "proxmo-control"
+LEARNER_RESTARTS = 3  # learner deaths survived per run before the error is raised (issue 9)
 
 
 class Control:
@@ -111,6 +112,9 @@ class TrainingRun:
         self.control = None
         self.metrics = None
         self._task_env = None
+        self.learner_done = 0  # iterations the live learner actor has completed (its checkpoint + since)
+        self.learner_restarts = 0
+        self._initial_version: int | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -223,10 +227,63 @@ class TrainingRun:
         tasks = self._task_env.sample_tasks(c.eval_split, n or c.eval_episodes, seed=c.seed + 7)
         return eval_summary(self.pool.evaluate(tasks, greedy=c.eval_greedy))
 
-    def learn(self) -> dict[str, float]:
+    def learn(self, iteration: int | None = None) -> dict[str, float]:
+        """One learner iteration; with ``iteration``, survive the learner actor's death.
+
+        A dead learner is replaced by a new actor under the same consumer name, resumed
+        from ``checkpoints/latest``; it replays the iterations after that checkpoint from
+        the records the buffer re-delivers (they were never acked), then runs
+        ``iteration``. No rollout is dispatched again: the groups are still in the buffer.
+        """
+        return self._with_learner(iteration, lambda: self.learner.train_iteration.remote(
+            self.cfg.learner.groups_per_batch))
+
+    def _with_learner(self, iteration: int | None, call, advance: bool = True) -> Any:
+        import ray
+        from ray.exceptions import RayActorError
+
+        n = self.cfg.learner.groups_per_batch
+        while True:
+            try:
+                if iteration is None:
+                    return ray.get(call())
+                while self.learner_done < iteration:  # replay after a restart
+                    ray.get(self.learner.train_iteration.remote(n))
+                    self.learner_done += 1
+                if advance and self.learner_done > iteration:  # it died after checkpointing this one
+                    return {"learner/restarts": float(self.learner_restarts)}
+                out = ray.get(call())
+                if advance:
+                    self.learner_done = iteration + 1
+                return out
+            except RayActorError as exc:
+                if self.learner_restarts >= LEARNER_RESTARTS:
+                    raise
+                self._restart_learner(exc)
+
+    def _restart_learner(self, exc: BaseException) -> None:
         import ray
 
-        return ray.get(self.learner.train_iteration.remote(self.cfg.learner.groups_per_batch))
+        self.learner_restarts += 1
+        log.warning("learner died (%s); restart %d/%d from the last checkpoint", type(exc).__name__,
+                    self.learner_restarts, LEARNER_RESTARTS)
+        try:
+            ray.kill(self.learner, no_restart=True)
+        except Exception:  # already gone
+            pass
+        deadline = time.monotonic() + 60
+        while True:  # the dead actor's name is released asynchronously
+            try:
+                self.learner = self._start_learner()
+                break
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        meta = ray.get(self.learner.resume.remote(self._initial_version))
+        ray.get(self.learner.sync_endpoint.remote())
+        self.learner_done = int(meta.get("iteration", 0))
+        log.warning("learner restarted at iteration %d (step %s)", self.learner_done, meta.get("step"))
 
     def autoscale(self, m: dict[str, float]) -> None:
         """Requests from `proxmo scale` first; else, with rollout.autoscale, follow the learner's idle time."""
@@ -256,7 +313,10 @@ class TrainingRun:
             meta = ray.get(self.learner.resume.remote())
             start_it = int(meta.get("iteration", 0))
             log.info("resumed from iteration %d (policy version %s)", start_it, meta.get("version"))
-        ray.get(self.learner.sync_endpoint.remote())
+        synced = ray.get(self.learner.sync_endpoint.remote())
+        self.learner_done = start_it
+        if start_it == 0:
+            self._initial_version = int(synced)  # a learner lost before its first checkpoint restarts here
         if "success_before" not in state:
             ev = self.evaluate()
             state.update(success_before=ev["eval/success_rate"], eval_episodes=int(ev["eval/episodes"]))
@@ -275,7 +335,7 @@ class TrainingRun:
                 ro_it, fut = rollouts.popleft()
                 summaries = fut.result()
                 t1 = time.perf_counter()
-                m = self.learn()  # learn + publish + checkpoint/ack stages, in the learner actor
+                m = self.learn(it)  # learn + publish + checkpoint/ack stages, in the learner actor
                 m.update(summarize(summaries))
                 m.update({"time/rollout_wait_s": t1 - t0, "time/iteration_s": time.perf_counter() - t0,
                           "rollout/workers": float(self.pool.size()), "rollout/replaced": float(self.pool.replaced)})
@@ -286,7 +346,7 @@ class TrainingRun:
                 self.autoscale(m)
                 _advance(bar, m)
             _close(bar)
-        ray.get(self.learner.finish.remote())
+        self._with_learner(c.iterations, lambda: self.learner.finish.remote(), advance=False)
         ev = self.evaluate()
         self.metrics.log(c.iterations, ev)
         state.update(success_after=ev["eval/success_rate"])

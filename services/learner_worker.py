@@ -46,6 +46,10 @@ class LearnerWorker:
         self.checkpoint_every = max(int(checkpoint_every), 1)
         self.unacked: list[str] = []
         self.iteration = 0
+        # After a resume the checkpoint's weights are re-published under a new version; versions
+        # the lost learner published after that checkpoint are replayed one to one (issue 9).
+        self._resumed_version: int | None = None
+        self._version_shift: tuple[int, int] | None = None  # (first new version, new - old)
         self.idle_seconds = 0.0
         self.busy_seconds = 0.0
 
@@ -64,16 +68,39 @@ class LearnerWorker:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"learner waited {timeout_s:.0f} s for {n_groups} groups, got {len(groups) + dropped}")
             deliveries = self.buffer.read(n_groups - len(groups) - dropped, block_ms=1000)
-            fresh, stale = self.buffer.split_stale(deliveries, self.learner.version)
+            fresh, stale = self._split_stale(deliveries)
             if stale:
                 log.warning("dropped %d stale group(s) (versions %s, learner at %d)", len(stale),
                             [d.group.policy_version for d in stale], self.learner.version)
             dropped += len(stale)
             groups.extend(d.group for d in fresh)
             ids.extend(d.msg_id for d in fresh)
-        lags = [self.learner.version - g.policy_version for g in groups] or [0]
+        lags = [self.lag(g.policy_version) for g in groups] or [0]
         return groups, ids, {"buffer/dropped_stale": float(dropped), "staleness/mean": sum(lags) / len(lags),
                              "staleness/max": float(max(lags))}
+
+    def lag(self, policy_version: int) -> int:
+        """Policy versions between a group's sampler and the weights this learner holds now.
+
+        After a resume, a version ``v`` older than the re-published checkpoint counts as
+        ``v + shift``: the replayed iterations consume the same groups in the same order as
+        the lost learner did, so they redo its updates, and a group it sampled at ``v`` is as
+        far from the replay as it was from the original (the staleness rule stays the same).
+        """
+        v = int(policy_version)
+        if self._version_shift is not None and v < self._version_shift[0]:
+            v += self._version_shift[1]
+        return self.learner.version - v
+
+    def _split_stale(self, deliveries):
+        if self._version_shift is None:
+            return self.buffer.split_stale(deliveries, self.learner.version)
+        fresh, stale = [], []
+        for d in deliveries:  # one call per group: each has its own effective version
+            f, s = self.buffer.split_stale([d], d.group.policy_version + self.lag(d.group.policy_version))
+            fresh += f
+            stale += s
+        return fresh, stale
 
     def publish(self, timeout_s: float = 300.0) -> float:
         """Send the new weights to every replica and wait until all serve them."""
@@ -117,10 +144,21 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ control
 
-    def resume(self) -> dict[str, Any]:
-        """Load ``latest``; pending (unacked) records are re-read by the buffer afterwards."""
-        meta = self.learner.load_checkpoint(self.checkpoint_dir / "latest")
+    def resume(self, fallback_version: int | None = None) -> dict[str, Any]:
+        """Load ``latest``; pending (unacked) records are re-read by the buffer afterwards.
+
+        Without a checkpoint, ``fallback_version`` (the version the initial weights were
+        published as) lets a learner that died before its first checkpoint restart from
+        the initial model at iteration 0.
+        """
+        latest = self.checkpoint_dir / "latest"
+        if fallback_version is not None and not latest.is_dir():
+            self.learner.version = int(fallback_version)
+            meta: dict[str, Any] = {"iteration": 0, "step": self.learner.step, "version": self.learner.version}
+        else:
+            meta = self.learner.load_checkpoint(latest)
         self.iteration = int(meta.get("iteration", 0))
+        self._resumed_version = self.learner.version
         return meta
 
     def sync_endpoint(self, timeout_s: float = 300.0) -> int:
@@ -132,6 +170,9 @@ class LearnerWorker:
         served = max(self.policy.replica_versions().values(), default=0)
         self.learner.version = max(self.learner.version, int(served))
         self.publish(timeout_s)
+        if self._resumed_version is not None:
+            self._version_shift = (self.learner.version, self.learner.version - self._resumed_version)
+            self._resumed_version = None
         return self.learner.version
 
     def finish(self) -> Path:

@@ -32,6 +32,8 @@ from services.envs.protocol import build_messages, parse_action
 
 log = logging.getLogger(__name__)
 
+POLICY_RETRY_S = 600.0  # a policy call is retried this long: covers a replica restart (vLLM start-up)
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -72,6 +74,20 @@ class GroupSummary:
     pushed: bool
 
 
+def _load_tokenizer(auto_cls, model_path: str):
+    """The tokenizer of ``model_path``; a missing folder or tokenizer names the path (issue 9)."""
+    from pathlib import Path
+
+    if not Path(model_path).is_dir():
+        raise FileNotFoundError(f"model path {model_path!r} does not exist or is not a folder "
+                                "(set model.path to a Hugging Face model folder)")
+    try:
+        return auto_cls.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"no usable tokenizer in model path {model_path!r} "
+                                f"(tokenizer.json / tokenizer_config.json): {str(exc)[:200]}") from exc
+
+
 class RolloutWorker:
     def __init__(self, worker_id: str, env_cfg: EnvConfig, rollout_cfg: RolloutConfig, sampling: SamplingConfig,
                  model_path: str, policy, buffer=None, max_model_len: int = 512):
@@ -81,7 +97,7 @@ class RolloutWorker:
         self.env_cfg, self.cfg, self.sampling = env_cfg, rollout_cfg, sampling
         self.policy, self.buffer = policy, buffer
         self.max_model_len = max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = _load_tokenizer(AutoTokenizer, model_path)
         self._envs: list[GuardedEnv] = []
         self._last_version = 0  # newest policy version seen in a response
         self.stats = {"env_steps": 0, "groups": 0, "episodes": 0, "infra_failures": 0, "env_seconds": 0.0,
@@ -147,11 +163,33 @@ class RolloutWorker:
                 continue
             t0 = time.perf_counter()
             sampling = replace(self.sampling, temperature=self.sampling.eval_temperature) if greedy else self.sampling
-            gens = self.policy.generate(prompts, sampling,
-                                        session_ids=[f"{e.assignment.group_id}/{e.index}" for e in live])
+            gens = self._generate(prompts, sampling, [f"{e.assignment.group_id}/{e.index}" for e in live])
             self.stats["policy_seconds"] += time.perf_counter() - t0
             for ep, ids, gen in zip(live, prompts, gens):
                 self._act(ep, ids, gen)
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, session_ids: list[str]) -> list:
+        """Ask the policy; a dead or unreachable replica is retried until Serve has replaced it.
+
+        A lost request produced nothing the episode used, so asking again (maybe of another
+        replica, maybe at a newer version) is exact: each step records the version that
+        answered it. Bad requests (ValueError, TypeError) are not retried.
+        """
+        from ray.exceptions import RayError
+
+        deadline = time.monotonic() + POLICY_RETRY_S
+        delay = 0.5
+        while True:
+            try:
+                return self.policy.generate(prompts, sampling, session_ids=session_ids)
+            except (RayError, TimeoutError, ConnectionError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.stats["policy_retries"] = self.stats.get("policy_retries", 0) + 1
+                log.warning("worker %s: policy call failed (%s: %s); retrying in %.1f s", self.worker_id,
+                            type(exc).__name__, str(exc)[:200], delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     def _reset(self, ep: _Episode) -> None:
         t0 = time.perf_counter()
