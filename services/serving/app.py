@@ -7,9 +7,12 @@ with an OpenAI-compatible FastAPI ingress (``/v1/completions``,
 ``deploy_policy`` also starts the named WeightStore actor and returns a
 :class:`PolicyDeployment` holding a ready :class:`PolicyClient`.
 
-Replica count changes (``set_replicas``) only touch the autoscaling config: the
-constructor arguments stay identical, so Serve applies them as a lightweight
-update and running replicas keep their engines and weights.
+Replica count changes (``set_replicas``) redeploy the app with a new autoscaling
+range. Serve 2.60 gives a ``serve.run`` redeploy a fresh code version, so it
+rolls the replicas (there is no public lightweight path for Python-deployed apps
+with autoscaling; the external-scaler REST API excludes built-in autoscaling).
+That is safe because every new replica loads the current weights in its
+constructor before it takes traffic; the cost is one engine start per replica.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class
@@ -36,7 +39,7 @@ def store_name(serving_cfg: ServingConfig) -> str:
 
 
 def _replica_args(serving_cfg: ServingConfig) -> ServingConfig:
-    """Constructor config with the replica counts normalised, so rescaling never restarts replicas."""
+    """Constructor config without the replica range (replicas never need it)."""
     return dataclasses.replace(serving_cfg, min_replicas=1, max_replicas=1)
 
 
@@ -166,7 +169,7 @@ class PolicyDeployment:
     namespace: str
 
     def set_replicas(self, min_replicas: int, max_replicas: int | None = None, *, wait: bool = True) -> None:
-        """Change the replica range while training runs (lightweight Serve update).
+        """Change the replica range while training runs (replicas roll; see the module docstring).
 
         ``wait`` blocks until the app is running again (new replicas have loaded the
         current weights); otherwise the update is applied from a background thread.

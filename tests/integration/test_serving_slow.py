@@ -29,8 +29,10 @@ def test_replica_added_later_serves_newest_version_and_sessions_stick(policy_app
     newest = v0 + 2
     try:
         client.set_replicas(2)  # waits until the app is running with 2 replicas
-        versions = client.replica_versions()
-        assert len(versions) == 2 and set(versions.values()) == {newest}, versions
+        assert client.running_replicas() == 2
+        client.wait_for_version(newest, timeout_s=60)
+        versions = client.replica_versions()  # replicas are rolled on rescale: all are new here
+        assert len(versions) >= 2 and set(versions.values()) == {newest}, versions
         # Immediately after start, with no min_version: every response comes from the newest weights.
         prompts = [[40 + i, 41, 42] for i in range(16)]
         gens = client.generate(prompts, SAMPLING, session_ids=[f"ep-{i}" for i in range(16)])
