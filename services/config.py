@@ -80,11 +80,6 @@ class ServingConfig:
     weight_poll_s: float = 1.0  # replica long-poll period on the WeightStore (also its heartbeat)
     session_affinity: bool = True  # route one episode (session id) to one replica (prefix cache)
     max_ongoing_requests: int = 256  # per replica; the engine batches them (Serve's default of 5 starves it)
-    logprobs_mode: str = "raw_logprobs"  # vLLM: raw_logprobs (temperature-1 distribution) | processed_logprobs
-    seed: int = 0  # engine seed (per-request seeds override it)
-    swap_drain_timeout_s: float = 30.0  # in-flight requests past this are aborted (marked) by a weight swap
-    weight_poll_s: float = 1.0  # replica long-poll period on the WeightStore (also its heartbeat)
-    session_affinity: bool = True  # route one episode (session id) to one replica (prefix cache)
 
 
 @dataclass
@@ -145,11 +140,13 @@ class LearnerConfig:
 
 @dataclass
 class SFTConfig:
-    episodes: int = 1500
+    """Supervised warm start (`proxmo sft`); the run length is set by ``epochs``, ``seconds`` caps it."""
+
+    episodes: int = 1500  # expert episodes to draw demonstrations from
     lr: float = 3e-3
     batch_size: int = 32
-    seconds: float = 300.0  # time budget (CPU quick start)
-    epochs: int = 3
+    epochs: float = 1.2  # passes over the demonstrations (cosine schedule over this many steps)
+    seconds: float = 900.0  # hard time cap; stops early (and says so) on a slow machine
 
 
 @dataclass

@@ -40,6 +40,7 @@ class Control:
 
     def __init__(self) -> None:
         self.desired: int | None = None
+        self.replicas: int | None = None
         self.status: dict[str, Any] = {}
 
     def request_workers(self, n: int) -> int:
@@ -50,6 +51,16 @@ class Control:
 
     def take_request(self) -> int | None:
         n, self.desired = self.desired, None
+        return n
+
+    def request_replicas(self, n: int) -> int:
+        if n < 1:
+            raise ValueError("number of endpoint replicas must be >= 1")
+        self.replicas = int(n)
+        return self.replicas
+
+    def take_replicas(self) -> int | None:
+        n, self.replicas = self.replicas, None
         return n
 
     def set_status(self, status: dict[str, Any]) -> None:
@@ -290,6 +301,10 @@ class TrainingRun:
         import ray
 
         r = self.cfg.rollout
+        replicas = ray.get(self.control.take_replicas.remote())
+        if replicas is not None and self.deployment is not None:
+            log.info("scaling policy endpoint to %d replica(s) (requested)", replicas)
+            self.deployment.set_replicas(replicas, max(replicas, self.cfg.serving.max_replicas), wait=False)
         asked = ray.get(self.control.take_request.remote())
         if asked is not None:
             log.info("scaling rollout workers to %d (requested)", self.pool.scale(asked))
@@ -481,7 +496,8 @@ def eval_main(argv: list[str]) -> int:
 def scale_main(argv: list[str]) -> int:
     """Ask a running `proxmo train` to change its number of rollout workers."""
     p = argparse.ArgumentParser(prog="proxmo scale")
-    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--workers", type=int, default=None, help="rollout workers")
+    p.add_argument("--replicas", type=int, default=None, help="policy endpoint replicas")
     p.add_argument("--run", default="quickstart", help="run_name of the training run")
     p.add_argument("--address", default="auto", help="Ray address of the cluster the run uses")
     p.add_argument("--namespace", default="proxmo")
@@ -495,6 +511,13 @@ def scale_main(argv: list[str]) -> int:
         print(f"proxmo scale: no running training run named {args.run!r} in namespace {args.namespace!r}",
               file=sys.stderr)
         return 1
-    n = ray.get(control.request_workers.remote(args.workers))
-    print(f"requested workers={n} status={ray.get(control.get_status.remote())}")
+    if args.workers is None and args.replicas is None:
+        print("proxmo scale: give --workers N and/or --replicas N", file=sys.stderr)
+        return 2
+    asked = []
+    if args.workers is not None:
+        asked.append(f"workers={ray.get(control.request_workers.remote(args.workers))}")
+    if args.replicas is not None:
+        asked.append(f"replicas={ray.get(control.request_replicas.remote(args.replicas))}")
+    print(f"requested {' '.join(asked)} status={ray.get(control.get_status.remote())}")
     return 0

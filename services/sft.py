@@ -76,7 +76,7 @@ def sft_train(model_dir: str | Path, examples: list[dict], cfg: SFTConfig, *, se
     if too_long:
         log.warning("SFT: %d examples longer than %d tokens left out", too_long, max_len)
     bs = min(cfg.batch_size, len(data))
-    total_steps = max(1, cfg.epochs * len(data) // bs)
+    total_steps = max(1, int(cfg.epochs * len(data) / bs))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rng = random.Random(seed)
@@ -100,6 +100,8 @@ def sft_train(model_dir: str | Path, examples: list[dict], cfg: SFTConfig, *, se
         ema = val if ema is None else 0.95 * ema + 0.05 * val
         if step % 50 == 0:
             log.info("sft step %d loss %.4f (%.0f s)", step, ema, time.perf_counter() - t0)
+    if step < total_steps:
+        log.warning("SFT stopped by its time cap (sft.seconds=%s) after %d of %d steps", cfg.seconds, step, total_steps)
     out = Path(out_dir or model_dir)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -107,7 +109,7 @@ def sft_train(model_dir: str | Path, examples: list[dict], cfg: SFTConfig, *, se
         src = Path(model_dir, extra)
         if src.is_file() and Path(out).resolve() != Path(model_dir).resolve():
             shutil.copy(src, Path(out, extra))
-    return {"sft_steps": step, "sft_loss": ema or float("nan"), "sft_seconds": time.perf_counter() - t0,
+    return {"sft_steps": step, "sft_planned_steps": total_steps, "sft_loss": ema or float("nan"), "sft_seconds": time.perf_counter() - t0,
             "sft_examples": len(data)}
 
 
