@@ -38,6 +38,9 @@ def _assert_same(a: GroupRecord, b: GroupRecord) -> None:
             np.testing.assert_array_equal(sa.response_ids, sb.response_ids)
             np.testing.assert_array_equal(sa.logprobs, sb.logprobs)
             assert sb.prompt_ids.dtype == np.int32 and sb.logprobs.dtype == np.float32
+            assert sb.response_ids.dtype == np.int32
+            # the learner may edit arrays in place: decoded arrays are writable, never read-only wire views
+            assert sb.prompt_ids.flags.writeable and sb.response_ids.flags.writeable and sb.logprobs.flags.writeable
 
 
 def _body(g: GroupRecord) -> dict:
@@ -117,7 +120,7 @@ def test_pickle_is_not_a_record():
         decode_group(pickle.dumps({"v": SCHEMA_VERSION}))
 
 
-@pytest.mark.parametrize("version", [0, SCHEMA_VERSION + 1, "1", None])
+@pytest.mark.parametrize("version", [0, 2, SCHEMA_VERSION + 1, "1", None])
 def test_wrong_schema_version(version):
     body = _body(small_group())
     body["v"] = version
@@ -140,7 +143,9 @@ def test_wrong_schema_version(version):
         (("steps", "ok"), b"\x02" * 24, "booleans must be 0 or 1"),
         (("steps", "p"), [1, 2, 3], "steps.p: expected bytes"),
         (("steps", "i"), {}, "steps.i: expected list"),
-        (("steps", "q"), b"\x01\x00\x00", "multiple of 4"),
+        (("steps", "q"), b"\x01\x00\x00", "multiple of 2"),
+        (("steps", "tw"), 3, "token width must be 2 or 4"),
+        (("steps", "tw"), "2", "steps.tw: expected int"),
         (("steps", "pl"), np.full(24, -1, "<i8").tobytes(), "negative length"),
     ],
 )
@@ -208,9 +213,12 @@ def test_token_ids_are_checked():
     with pytest.raises(RecordError, match="integers"):
         StepRecord("o", "a", 0.0, True, True, response_ids=np.array([0.5]))
     body = _body(small_group())
-    p = np.frombuffer(body["steps"]["p"], "<i4").copy()
+    assert body["steps"]["tw"] == 2  # uint16 on the wire cannot hold -1: forge an int32 record
+    body["steps"]["tw"] = 4
+    p = np.frombuffer(body["steps"]["p"], "<u2").astype("<i4")
     p[64 * 3 + 1] = -1  # episode 1, step 0
     body["steps"]["p"] = p.tobytes()
+    body["steps"]["q"] = np.frombuffer(body["steps"]["q"], "<u2").astype("<i4").tobytes()
     with pytest.raises(RecordError, match=r"episodes\[1\]\.steps\[0\]\.prompt_ids: negative token id"):
         decode_group(_pack(body))
 
@@ -248,3 +256,90 @@ def test_decompression_bomb_rejected_before_allocation():
     streamed = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(b"\x00" * (4 << 20))
     with pytest.raises(RecordError, match="over-limit"):
         decode_group(MAGIC + b"\x01" + streamed, max_bytes=1 << 20)
+
+
+# --------------------------------------------------------------------------- schema 3 layout
+
+
+@pytest.mark.parametrize("top, width", [(0, 2), (65_535, 2), (65_536, 4), (2**31 - 1, 4)])
+def test_token_width_follows_the_largest_id(top, width):
+    g = small_group()
+    g.episodes[2].steps[1].response_ids[3] = top
+    data = encode_group(g, compress_min_bytes=1 << 40)
+    body = msgpack.unpackb(data[5:], raw=False)
+    assert body["steps"]["tw"] == width
+    assert len(body["steps"]["p"]) == width * sum(len(s.prompt_ids) for e in g.episodes for s in e.steps)
+    out = decode_group(data)
+    assert out.episodes[2].steps[1].response_ids[3] == top
+    _assert_same(g, out)
+
+
+def test_large_vocabulary_group_round_trips_compressed():
+    g = make_group(episodes=2, steps=10, prompt_tokens=300, vocab=151_000, seed=4)
+    data = encode_group(g)
+    assert data[4] == 1
+    _assert_same(g, decode_group(data))
+
+
+def test_episodes_without_steps_between_others():
+    g = small_group()
+    g.episodes[0].steps = []
+    g.episodes[4].steps = []
+    g.episodes[7].steps = []
+    out = decode_group(encode_group(g))
+    assert [len(e.steps) for e in out.episodes] == [0, 3, 3, 3, 0, 3, 3, 0]
+    _assert_same(g, out)
+
+
+def test_decoded_steps_are_independent_arrays():
+    g = small_group()
+    out = decode_group(encode_group(g))
+    first, second = out.episodes[0].steps[0], out.episodes[0].steps[1]
+    before = second.prompt_ids.copy()
+    first.prompt_ids[:] = 7  # views of one buffer, but cut at the step boundaries
+    np.testing.assert_array_equal(second.prompt_ids, before)
+    assert len(first.prompt_ids) == len(g.episodes[0].steps[0].prompt_ids)
+
+
+def test_fields_reassigned_after_construction_are_checked_at_encode():
+    g = small_group()
+    g.episodes[1].steps[2].prompt_ids = [1, 2, 3]  # plain list: converted, not refused
+    out = decode_group(encode_group(g))
+    assert out.episodes[1].steps[2].prompt_ids.tolist() == [1, 2, 3]
+    g.episodes[1].steps[2].prompt_ids = np.array([0.5, 1.5])
+    with pytest.raises(RecordError, match="prompt_ids must hold integers"):
+        encode_group(g)
+    g = small_group()
+    g.episodes[0].steps[0].logprobs = np.zeros((8, 1), np.float32)  # right length, wrong shape
+    with pytest.raises(RecordError, match="logprobs"):
+        encode_group(g)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("observation", 5, r"episodes\[1\]\.steps\[2\]\.observation: expected str, got int"),
+        ("action", None, r"episodes\[1\]\.steps\[2\]\.action: expected str"),
+        ("info", [1], r"episodes\[1\]\.steps\[2\]\.info: expected dict"),
+        ("reward", "ten", r"episodes\[1\]\.steps\[2\]\.reward: expected a number"),
+        ("policy_version", 1.5, r"episodes\[1\]\.steps\[2\]\.policy_version: expected an integer"),
+        ("policy_version", 2**70, r"episodes\[1\]\.steps\[2\]\.policy_version: expected an integer"),
+    ],
+)
+def test_wrong_step_field_types_fail_at_the_producer(field, value, match):
+    g = small_group()
+    setattr(g.episodes[1].steps[2], field, value)
+    with pytest.raises(RecordError, match=match):
+        encode_group(g)
+
+
+def test_numpy_scalars_and_str_subclasses_are_accepted():
+    class Obs(str):
+        pass
+
+    g = small_group()
+    s = g.episodes[0].steps[0]
+    s.observation, s.reward, s.policy_version, s.valid = Obs("room"), np.float32(2.5), np.int64(4), np.bool_(False)
+    out = decode_group(encode_group(g)).episodes[0].steps[0]
+    assert (out.observation, out.reward, out.policy_version, out.valid) == ("room", 2.5, 4, False)
+    assert type(out.observation) is str and type(out.reward) is float and type(out.valid) is bool
