@@ -136,6 +136,7 @@ class LearnerConfig:
     num_gpus: float = 0.0
     seed: int = 0
     recompute_old_logprobs: bool = False  # True: old log-probs from the learner, not the sampler
+    torch_threads: int = 0  # CPU learner: intra-op threads (0: round(num_cpus), at least 1)
 
 
 @dataclass
@@ -366,5 +367,38 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.mode == "async":
         check(b.max_staleness >= cfg.max_policy_lag,
               f"buffer.max_staleness ({b.max_staleness}) < max_policy_lag ({cfg.max_policy_lag}): async rollouts would all be dropped")
+    _validate_limits(cfg, check)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _validate_limits(cfg: TrainConfig, check) -> None:
+    """Sizes and ranges that would otherwise fail late inside an actor, or be clamped silently (issue 9)."""
+    import math
+
+    b, lr, s, sv = cfg.buffer, cfg.learner, cfg.sampling, cfg.serving
+    check(bool(cfg.run_name) and "/" not in cfg.run_name, f"run_name must be a non-empty name without '/', got {cfg.run_name!r}")
+    check(cfg.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
+    check(cfg.eval_episodes >= 0 and cfg.eval_every >= 0, "eval_episodes and eval_every must be >= 0")
+    check(lr.ppo_epochs >= 1, f"learner.ppo_epochs must be >= 1, got {lr.ppo_epochs}")
+    check(math.isfinite(lr.lr), f"learner.lr must be finite, got {lr.lr}")
+    check(lr.grad_clip > 0 and lr.weight_decay >= 0 and lr.warmup_steps >= 0,
+          "learner.grad_clip must be > 0, learner.weight_decay and learner.warmup_steps >= 0")
+    check(lr.num_cpus >= 0 and lr.num_gpus >= 0, "learner.num_cpus and learner.num_gpus must be >= 0")
+    check(s.temperature >= 0 and s.eval_temperature >= 0, "sampling.temperature and eval_temperature must be >= 0")
+    check(0 < s.top_p <= 1, f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    check(cfg.env.step_timeout_s > 0, f"env.step_timeout_s must be > 0, got {cfg.env.step_timeout_s}")
+    check(cfg.env.max_action_chars >= 1, "env.max_action_chars must be >= 1")
+    check(cfg.model.dtype in ("float32", "float16", "bfloat16"),
+          f"model.dtype must be float32|float16|bfloat16, got {cfg.model.dtype!r}")
+    check(bool(b.stream) and bool(b.group), "buffer.stream and buffer.group must be non-empty")
+    check(b.max_record_bytes >= 1024, f"buffer.max_record_bytes must be >= 1024, got {b.max_record_bytes}")
+    check(b.push_timeout_s > 0 and b.reconnect_timeout_s >= 0 and b.dedupe_window_s > 0,
+          "buffer.push_timeout_s and dedupe_window_s must be > 0, reconnect_timeout_s >= 0")
+    check(b.appendfsync in ("always", "everysec", "no"), f"buffer.appendfsync must be always|everysec|no, got {b.appendfsync!r}")
+    check(0 <= sv.port <= 65535, f"serving.port must be in 0..65535, got {sv.port}")
+    check(sv.max_ongoing_requests >= 1 and sv.request_timeout_s > 0,
+          "serving.max_ongoing_requests must be >= 1 and serving.request_timeout_s > 0")
+    check(cfg.sft.batch_size >= 1 and cfg.sft.epochs > 0 and cfg.sft.seconds > 0,
+          "sft.batch_size must be >= 1, sft.epochs and sft.seconds > 0")
+    check(cfg.ray.num_cpus >= 0, f"ray.num_cpus must be >= 0, got {cfg.ray.num_cpus}")
