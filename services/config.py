@@ -298,7 +298,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {p}")
         try:
             loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:  # binary files too (issue 9)
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
         if loaded is None:
             loaded = {}
