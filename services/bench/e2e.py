@@ -119,6 +119,15 @@ def train_rows(rows: list[dict[str, float]]) -> list[dict[str, float]]:
     return [r for r in rows if "policy_version" in r and "time/iteration_s" in r]
 
 
+def breakdown(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per stage. The learner's ``time/checkpoint_s`` is clocked from before the
+    publish (services/learner_worker.py), so the checkpoint alone is that minus the weight sync."""
+    out = {k.removeprefix("time/"): statistics.fmean(r.get(k, 0.0) for r in rows) for k in BREAKDOWN}
+    out["checkpoint_only_s"] = statistics.fmean(
+        max(0.0, r.get("time/checkpoint_s", 0.0) - r.get("time/weight_sync_s", 0.0)) for r in rows)
+    return out
+
+
 def summarize_run(rows: list[dict[str, float]], warmup: int, group_size: int) -> dict[str, Any]:
     """Steady-state iteration time, env steps/s, mean breakdown, and the success curve of one run."""
     its = train_rows(rows)
@@ -132,7 +141,7 @@ def summarize_run(rows: list[dict[str, float]], warmup: int, group_size: int) ->
         "iteration_s": wall / len(steady),
         "iteration_s_median": statistics.median(r["time/iteration_s"] for r in steady),
         "iterations_per_s": len(steady) / wall, "env_steps_per_s": steps / wall,
-        "breakdown_s": {k.removeprefix("time/"): statistics.fmean(r.get(k, 0.0) for r in steady) for k in BREAKDOWN},
+        "breakdown_s": breakdown(steady),
         "success_curve": [round(r.get("rollout/success_rate", float("nan")), 4) for r in its],
         "staleness_max": max(r.get("staleness/max", 0.0) for r in its),
         "dropped_stale": sum(r.get("buffer/dropped_stale", 0.0) for r in its),

@@ -108,6 +108,7 @@ def _rows(times, steps_len=5.0, groups=2.0):
     rows = [{"step": 0, "eval/success_rate": 0.1, "eval/episodes": 4}]
     for i, t in enumerate(times):
         rows.append({"step": i + 1, "policy_version": i + 2, "time/iteration_s": t, "time/rollout_wait_s": t / 2,
+                     "time/weight_sync_s": 1.0, "time/checkpoint_s": 1.5,
                      "rollout/episode_length": steps_len, "rollout/groups": groups, "rollout/success_rate": 0.25})
     return rows
 
@@ -117,6 +118,7 @@ def test_e2e_summary_leaves_out_warmup_and_compares_modes():
     assert sync["steady_iterations"] == 2 and sync["iteration_s"] == 10.0
     assert sync["env_steps_per_s"] == pytest.approx(2 * 5 * 2 * 8 / 20.0)
     assert sync["breakdown_s"]["rollout_wait_s"] == 5.0
+    assert sync["breakdown_s"]["checkpoint_only_s"] == 0.5  # the learner clocks checkpoint_s from before the publish
     asy = e2e.summarize_run(_rows([30.0, 5.0, 7.0]), warmup=1, group_size=8)
     r = e2e.compare({"sync": [sync], "async": [asy]})
     assert r["async_vs_sync"] == pytest.approx(10.0 / 6.0)
