@@ -98,6 +98,10 @@ class TextEnv(ABC):
         """Release processes (JVMs, games); safe to call twice."""
         return None
 
+    def kill(self) -> None:
+        """Hard stop from another thread (a hung or broken env): kill processes first, then close."""
+        self.close()
+
     # ---------------------------------------------------------------- public API
 
     def reset(self, task: Task) -> tuple[str, dict[str, Any]]:

@@ -83,6 +83,14 @@ class TextWorldExpressEnv(TextEnv):
     def expert_actions(self) -> list[str] | None:
         return list(self._gold) if self._gold is not None else None
 
+    def kill(self) -> None:
+        # A frozen JVM also freezes py4j's polite shutdown: kill the process first.
+        try:
+            self._sim._gateway.java_process.kill()
+        except Exception as exc:  # noqa: BLE001 - already dead
+            log.debug("killing the JVM: %s", exc)
+        self.close()
+
     def close(self) -> None:
         if self._closed:
             return

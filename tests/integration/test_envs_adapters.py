@@ -274,3 +274,25 @@ def test_webshop_catalog_score_success_split():
         assert_tolerates_garbage(env, task)
     with pytest.raises(TaskError, match="not a WebShop checkout"):
         make_env(EnvConfig(name="webshop", data_path="/nonexistent"))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("isolate", [False, True])
+def test_twx_frozen_jvm_times_out_and_heals(isolate):
+    import signal
+    import time
+
+    g = GuardedEnv(lambda: make_env(EnvConfig(max_steps=20)), step_timeout_s=2, isolate=isolate)
+    task = g.sample_tasks("train", 1, 0)[0]
+    obs, _ = g.reset(task)
+    proc = g.env.java_process
+    proc.send_signal(signal.SIGSTOP)  # the JVM stops answering: the step call hangs
+    try:
+        t = time.perf_counter()
+        with pytest.raises(EnvInfraError, match="timed out"):
+            g.step("look around")
+        assert time.perf_counter() - t < 10
+    finally:
+        proc.kill()
+    assert g.reset(task)[0] == obs and g.restarts == 1
+    g.close()

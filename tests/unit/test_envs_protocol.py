@@ -159,9 +159,10 @@ class _Flaky(TextEnv):
         self.closed.set()
 
 
-def test_guarded_env_turns_failures_into_infra_errors_and_recreates():
+@pytest.mark.parametrize("isolate", [False, True])
+def test_guarded_env_turns_failures_into_infra_errors_and_recreates(isolate):
     _Flaky.created = 0
-    g = GuardedEnv(lambda: _Flaky(EnvConfig(name="flaky")), step_timeout_s=0.5)
+    g = GuardedEnv(lambda: _Flaky(EnvConfig(name="flaky")), step_timeout_s=0.5, isolate=isolate)
     task = g.sample_tasks("train", 1, 0)[0]
     with pytest.raises(TaskError):  # caller errors pass through unchanged
         g.sample_tasks("test", 1, 0)
