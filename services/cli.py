@@ -32,6 +32,7 @@ COMMANDS: dict[str, object] = {
         "e2e": "services.bench.e2e:main",
         "curves": "services.bench.curves:main",
         "scaling": "services.bench.scaling:main",
+        "soak": "services.bench.soak:main",
     },
 }
 

@@ -215,7 +215,9 @@ class RolloutWorker:
 
     def _act(self, ep: _Episode, prompt_ids: list[int], gen) -> None:
         self._last_version = max(self._last_version, int(gen.policy_version))
-        parsed = parse_action(gen.text, self.env_cfg.max_action_chars)
+        # Lone surrogates (JSON can carry them) cannot be encoded for an env's bridge (py4j): replace them.
+        text = gen.text.encode("utf-8", "replace").decode("utf-8") if isinstance(gen.text, str) else ""
+        parsed = parse_action(text, self.env_cfg.max_action_chars)
         anchor = ep.observation
         reward, done, info = 0.0, False, {}
         if parsed.valid:
@@ -233,7 +235,7 @@ class RolloutWorker:
             ep.info = {**ep.info, **info}
             ep.won = ep.won or bool(info.get("won", False))
             ep.score = float(info.get("score", ep.score))
-        ep.history.append((anchor, parsed.action if parsed.valid else gen.text[:80]))
+        ep.history.append((anchor, parsed.action if parsed.valid else text[:80]))
         ep.steps.append(StepRecord(
             observation=anchor, action=parsed.action, reward=reward, valid=parsed.valid, done=done,
             prompt_ids=np.asarray(prompt_ids, np.int32), response_ids=np.asarray(gen.token_ids, np.int32),
