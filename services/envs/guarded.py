@@ -9,15 +9,17 @@ group.
 
 Two ways to enforce the deadline:
 
-* default: the call runs in the caller's thread and one watchdog thread per
-  env closes the environment when the deadline passes. Closing kills the JVM
-  (TextWorldExpress, ScienceWorld), which makes the stuck call raise, so control
-  returns within ``step_timeout_s`` + one watchdog period. Costs two attribute
-  writes per call, so fast envs keep their speed.
-* ``isolate=True``: every call runs in a helper thread and the caller waits
-  with a timeout, so control returns even from a hang that closing cannot
-  interrupt (pure-Python or C code); costs a thread hand-off per call (~4x
-  fewer steps/s on TextWorldExpress under load, see ``proxmo bench envs``).
+* ``isolate=True`` (default): every call runs in a helper thread and the caller
+  waits with a timeout, so control returns even from a hang that closing the
+  env cannot interrupt (pure-Python or C code, e.g. the PDDL planner).
+* ``isolate=False``: the call runs in the caller's thread and one watchdog
+  thread per env kills the environment when the deadline passes. Killing the
+  JVM (TextWorldExpress, ScienceWorld) makes the stuck call raise, so control
+  returns within ``step_timeout_s`` + one watchdog period, but a hang that
+  killing cannot interrupt blocks the caller.
+
+On this machine the two cost the same within measurement noise (``proxmo bench
+envs``: guarded/raw TextWorldExpress steps/s between 0.8 and 1.4 for both).
 
 :class:`TaskError` (bad input from the caller) passes through unchanged: it is
 a bug in the caller, not in the environment.
@@ -41,7 +43,7 @@ class GuardedEnv:
     """Same interface as :class:`TextEnv`; failures raise :class:`EnvInfraError`."""
 
     def __init__(self, factory: Callable[[], TextEnv], step_timeout_s: float = 30.0,
-                 reset_timeout_s: float | None = None, isolate: bool = False) -> None:
+                 reset_timeout_s: float | None = None, isolate: bool = True) -> None:
         if step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self._factory = factory
