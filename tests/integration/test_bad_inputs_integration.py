@@ -64,6 +64,7 @@ def test_bad_model_outputs_spend_the_turn_and_the_episode_goes_on(worker, redis_
 
     # The episode (odd strings included) crosses the buffer intact, or is refused with a clear error.
     buf = TrajectoryBuffer(buffer_cfg, redis_url, consumer="bad-outputs")
+    worker.buffer = buf
     try:
         summary = worker._finish(ep.assignment, [ep], push=True)
         assert summary.pushed and summary.invalid_steps == 5
@@ -71,6 +72,7 @@ def test_bad_model_outputs_spend_the_turn_and_the_episode_goes_on(worker, redis_
         assert [s.action for s in got[0].group.episodes[0].steps] == [s.action for s in ep.steps]
         buf.ack([got[0].msg_id])
     finally:
+        worker.buffer = None
         buf.close()
 
 
