@@ -2,20 +2,34 @@
 
 What is compared, in the same run against the same redis-server:
 
-- **buffer**: P producer processes call ``TrajectoryBuffer.push(GroupRecord)``
-  (validation, msgpack, zstd, the idempotent Lua XADD with its counters); the
-  main process plays the learner: ``read`` (XREADGROUP via Lua, decode,
-  validation) and ``ack`` of every group. Timed from the start signal until the
-  last group is acked.
-- **raw XADD** (redis-benchmark style): the same P processes XADD the same
-  encoded bytes (one payload per process, encoded before the clock starts)
-  through a client from the same ``connect_redis``; nothing reads them.
+- **raw XADD** (redis-benchmark style): P producer processes XADD the bytes
+  the buffer actually sends for that group (``encode_group`` of the same
+  group, encoded before the clock starts) through a client from the same
+  ``connect_redis``; nothing reads them.
+- **buffer, concurrent** (the headline, as issue 3 defines it): the same P
+  processes call ``TrajectoryBuffer.push(GroupRecord)`` (validation, msgpack,
+  zstd, the idempotent Lua XADD with its counters) while this process plays
+  the learner: ``read`` (XREADGROUP via Lua, decode, validation) and ``ack``
+  of every group. Timed from the start signal until the last group is acked.
+- **buffer, phased**: the producers push every group with nobody reading
+  (push-only rate), then this process reads and acks them all (read+ack-only
+  rate). On a machine with few cores the concurrent run makes producer,
+  learner and redis-server compete for CPU, which a deployment (rollout
+  workers and the learner on their own cores) does not; the phased run shows
+  each side alone. ``own cores`` = min(push-only, read+ack-only) rate, the
+  pipeline's rate when each side has a core; ``one core`` = both phases back
+  to back, the rate when everything shares one core.
 
-Ratio = buffer groups/s / raw XADD groups/s, per scenario (group size x P),
-median over ``--repeat`` runs (buffer and raw alternate, so background load
-hits both alike). The last line is ``buffer_vs_raw_xadd=<ratio>`` for the
-headline scenario: realistic groups (8 episodes x 50 steps, ~1k-token prompts),
-one producer. Process start-up is not timed (producers wait at a barrier).
+Also reported: CPU milliseconds per group of each process (producers,
+learner, redis-server from /proc when the server is the embedded one), which
+load on the machine disturbs far less than wall time, and ``cpu ratio`` = raw
+CPU per group / buffer CPU per group (concurrent run).
+
+Ratios are medians over ``--repeat`` runs; the modes rotate order each repeat
+so that background load hits all alike. Process start-up is not timed
+(producers wait at a barrier). The last line is ``buffer_vs_raw_xadd=<ratio>``
+for the headline scenario: realistic groups (8 episodes x 50 steps, ~1k-token
+prompts), one producer, concurrent.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ SIZES: dict[str, dict[str, int]] = {
     "small": {"episodes": 8, "steps": 5, "prompt_tokens": 200, "response_tokens": 16},
 }
 HEADLINE = ("realistic", 1)
+MODES = ("raw", "concurrent", "phased")
 
 
 def _producer(mode: str, url: str, stream: str, spec: dict[str, int], count: int, seed: int,
@@ -48,27 +63,54 @@ def _producer(mode: str, url: str, stream: str, spec: dict[str, int], count: int
     from services.contracts import encode_group
 
     template = make_group(**spec, seed=seed)
-    if mode == "buffer":
-        buf = TrajectoryBuffer(BufferConfig(stream=stream, max_depth=100_000), url, consumer=f"producer-{seed}")
-        groups = [dataclasses.replace(template, group_id=f"{stream}-{seed}-{i}") for i in range(count)]
-        ready.put(os.getpid())
-        start.wait()
-        for g in groups:
-            buf.push(g)
-        buf.close()
-    else:
+    if mode == "raw":
         client = connect_redis(url)
         payload = encode_group(template)
         ready.put(os.getpid())
         start.wait()
+        cpu = time.process_time()
         for i in range(count):
             client.xadd(stream, {"gid": f"{seed}-{i}", "pv": 0, "d": payload})
         client.close()
-    results.put(time.time())
+    else:
+        buf = TrajectoryBuffer(BufferConfig(stream=stream, max_depth=100_000), url, consumer=f"producer-{seed}")
+        groups = [dataclasses.replace(template, group_id=f"{stream}-{seed}-{i}") for i in range(count)]
+        ready.put(os.getpid())
+        start.wait()
+        cpu = time.process_time()
+        for g in groups:
+            buf.push(g)
+        buf.close()
+    results.put((time.time(), time.process_time() - cpu))
 
 
-def _run_once(mode: str, url: str, size: str, producers: int, groups: int) -> float:
-    """Seconds from the start signal until all groups are acked (buffer) or added (raw)."""
+def _server_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) of a local process, from /proc; NaN where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return float("nan")
+
+
+def _drain(learner: Any, want: int) -> int:
+    """Read and ack until ``want`` groups went through (the learner's side of the bench)."""
+    acked = 0
+    deadline = time.monotonic() + 600
+    while acked < want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench: only {acked} of {want} groups arrived")
+        got = learner.read(16, block_ms=2000)
+        acked += learner.ack([d.msg_id for d in got])
+    stats = learner.stats()
+    if stats["produced"] != acked or stats["pending"] or stats["depth"]:
+        raise RuntimeError(f"bench: buffer accounting is off: {stats}")
+    return acked
+
+
+def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers: int, groups: int) -> dict[str, float]:
+    """Wall seconds of each phase and CPU seconds of each process for one run of ``mode``."""
     from services.buffer import TrajectoryBuffer, connect_redis
     from services.config import BufferConfig
 
@@ -76,48 +118,47 @@ def _run_once(mode: str, url: str, size: str, producers: int, groups: int) -> fl
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     stream = f"bench:{mode}:{uuid.uuid4().hex[:8]}"
     per = groups // producers
-    learner = TrajectoryBuffer(BufferConfig(stream=stream, max_depth=100_000), url) if mode == "buffer" else None
+    learner = None if mode == "raw" else TrajectoryBuffer(BufferConfig(stream=stream, max_depth=100_000), url)
     procs = [ctx.Process(target=_producer, args=(mode, url, stream, SIZES[size], per, 1000 * k + 1,
                                                  ready, start, results)) for k in range(producers)]
     for p in procs:
         p.start()
     for _ in procs:
         ready.get(timeout=120)
-    t0 = time.time()
+    srv0, cpu0, t0 = _server_cpu(server_pid), time.process_time(), time.time()
     start.set()
-    if learner is not None:
-        acked = 0
-        deadline = time.monotonic() + 600
-        while acked < per * producers:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bench: only {acked} of {per * producers} groups arrived")
-            got = learner.read(16, block_ms=2000)
-            acked += learner.ack([d.msg_id for d in got])
-        t_end = time.time()
-        stats = learner.stats()
-        if stats["produced"] != acked or stats["pending"] or stats["depth"]:
-            raise RuntimeError(f"bench: buffer accounting is off: {stats}")
+    out: dict[str, float] = {}
+    if mode == "concurrent":
+        _drain(learner, per * producers)
+        out["wall_s"] = time.time() - t0
     ends = [results.get(timeout=600) for _ in procs]
+    t_push = max(e[0] for e in ends) - t0
+    if mode == "raw":
+        out["wall_s"] = t_push
+    elif mode == "phased":
+        t1 = time.time()
+        _drain(learner, per * producers)
+        out.update(push_s=t_push, read_s=time.time() - t1, wall_s=time.time() - t0)
+    out.update(producer_cpu_s=sum(e[1] for e in ends), learner_cpu_s=time.process_time() - cpu0,
+               server_cpu_s=_server_cpu(server_pid) - srv0)
     for p in procs:
         p.join(timeout=30)
-    if learner is None:
-        t_end = max(ends)
     client = connect_redis(url)
     client.delete(stream, f"{stream}:stats", f"{stream}:seen", f"{stream}:seen:t", f"{stream}:dead")
     client.close()
     if learner is not None:
         learner.close()
-    return t_end - t0
+    return out
 
 
-def _codec(size: str) -> dict[str, float]:
-    """Per-group wire size and encode/decode time (median of 5), to explain the ratio."""
+def _codec(size: str, reps: int = 15) -> dict[str, float]:
+    """Per-group wire size and encode/decode time (median of ``reps``), to explain the ratio."""
     from services.buffer.synthetic import make_group
     from services.contracts import decode_group, encode_group
 
     g = make_group(**SIZES[size], seed=1)
     enc, dec = [], []
-    for _ in range(5):
+    for _ in range(reps):
         t = time.perf_counter()
         data = encode_group(g)
         enc.append(time.perf_counter() - t)
@@ -129,44 +170,70 @@ def _codec(size: str) -> dict[str, float]:
             "encode_ms": statistics.median(enc) * 1e3, "decode_ms": statistics.median(dec) * 1e3}
 
 
-def run(url: str, producers: list[int], groups: dict[str, int], repeat: int) -> list[dict[str, Any]]:
+def _summarize(n: int, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Medians of one scenario's runs, as rates, ratios and CPU ms per group."""
+    def med(mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[mode])
+
+    raw_s, conc_s = med("raw", "wall_s"), med("concurrent", "wall_s")
+    push_s, read_s = med("phased", "push_s"), med("phased", "read_s")
+    cpu = {f"{mode}_{who}_cpu_ms": med(mode, f"{who}_cpu_s") / n * 1e3
+           for mode in ("raw", "concurrent") for who in ("producer", "learner", "server")}
+    raw_cpu = cpu["raw_producer_cpu_ms"] + cpu["raw_server_cpu_ms"]
+    buf_cpu = sum(cpu[f"concurrent_{who}_cpu_ms"] for who in ("producer", "learner", "server"))
+    return {
+        "raw_groups_per_s": n / raw_s, "buffer_groups_per_s": n / conc_s, "ratio": raw_s / conc_s,
+        "push_only_groups_per_s": n / push_s, "read_ack_only_groups_per_s": n / read_s,
+        "own_cores_ratio": raw_s / max(push_s, read_s), "one_core_ratio": raw_s / (push_s + read_s),
+        **cpu, "cpu_ratio": raw_cpu / buf_cpu if buf_cpu == buf_cpu and buf_cpu > 0 else float("nan"),
+        "runs": runs,
+    }
+
+
+def run(url: str, server_pid: int | None, producers: list[int], groups: dict[str, int],
+        repeat: int) -> list[dict[str, Any]]:
     rows = []
     for size in SIZES:
         codec = _codec(size)
-        eps = SIZES[size]["episodes"]
         for p in producers:
             n = groups[size] // p * p
-            t_buf, t_raw = [], []
+            runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
             for r in range(repeat):
-                order = ("buffer", "raw") if r % 2 == 0 else ("raw", "buffer")
-                for mode in order:
-                    (t_buf if mode == "buffer" else t_raw).append(_run_once(mode, url, size, p, n))
-            tb, tr = statistics.median(t_buf), statistics.median(t_raw)
-            rows.append({
-                "size": size, "producers": p, "groups": n, **codec,
-                "buffer_s": tb, "raw_s": tr,
-                "buffer_groups_per_s": n / tb, "buffer_episodes_per_s": n * eps / tb,
-                "buffer_wire_mb_per_s": n * codec["wire_bytes"] / tb / 1e6,
-                "buffer_logical_mb_per_s": n * codec["uncompressed_bytes"] / tb / 1e6,
-                "raw_groups_per_s": n / tr, "raw_wire_mb_per_s": n * codec["wire_bytes"] / tr / 1e6,
-                "ratio": tr / tb, "buffer_runs_s": t_buf, "raw_runs_s": t_raw,
-            })
-            print(f"  {size:9s} P={p}: buffer {n / tb:8.1f} groups/s, raw XADD {n / tr:8.1f}/s, "
-                  f"ratio {tr / tb:.3f}", file=sys.stderr, flush=True)
+                for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
+                    runs[mode].append(_run_once(mode, url, server_pid, size, p, n))
+            s = _summarize(n, runs)
+            eps = SIZES[size]["episodes"]
+            rows.append({"size": size, "producers": p, "groups": n, **codec, **s,
+                         "buffer_episodes_per_s": s["buffer_groups_per_s"] * eps,
+                         "buffer_wire_mb_per_s": s["buffer_groups_per_s"] * codec["wire_bytes"] / 1e6,
+                         "buffer_logical_mb_per_s": s["buffer_groups_per_s"] * codec["uncompressed_bytes"] / 1e6,
+                         "raw_wire_mb_per_s": s["raw_groups_per_s"] * codec["wire_bytes"] / 1e6})
+            print(f"  {size:9s} P={p}: buffer {s['buffer_groups_per_s']:8.1f} groups/s, raw XADD "
+                  f"{s['raw_groups_per_s']:8.1f}/s, ratio {s['ratio']:.3f} (own cores {s['own_cores_ratio']:.3f}, "
+                  f"one core {s['one_core_ratio']:.3f}, cpu {s['cpu_ratio']:.3f})", file=sys.stderr, flush=True)
     return rows
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'size':10s} {'P':>2s} {'groups':>6s} {'wire KB':>8s} {'enc ms':>7s} {'dec ms':>7s} "
-            f"{'buf eps/s':>10s} {'buf MB/s':>9s} {'(logical)':>9s} {'raw grp/s':>10s} {'raw MB/s':>9s} {'ratio':>6s}")
+            f"{'buf grp/s':>9s} {'raw grp/s':>9s} {'push/s':>8s} {'read/s':>8s} {'ratio':>6s} {'own':>6s} "
+            f"{'1core':>6s} {'cpu':>6s}  cpu ms/group buffer (prod+learner+redis) | raw (prod+redis)")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['size']:10s} {r['producers']:2d} {r['groups']:6d} {r['wire_bytes'] / 1e3:8.1f} "
-            f"{r['encode_ms']:7.2f} {r['decode_ms']:7.2f} {r['buffer_episodes_per_s']:10.1f} "
-            f"{r['buffer_wire_mb_per_s']:9.1f} {r['buffer_logical_mb_per_s']:9.1f} "
-            f"{r['raw_groups_per_s']:10.1f} {r['raw_wire_mb_per_s']:9.1f} {r['ratio']:6.3f}"
+            f"{r['encode_ms']:7.2f} {r['decode_ms']:7.2f} {r['buffer_groups_per_s']:9.1f} "
+            f"{r['raw_groups_per_s']:9.1f} {r['push_only_groups_per_s']:8.1f} {r['read_ack_only_groups_per_s']:8.1f} "
+            f"{r['ratio']:6.3f} {r['own_cores_ratio']:6.3f} {r['one_core_ratio']:6.3f} {r['cpu_ratio']:6.3f}  "
+            f"{r['concurrent_producer_cpu_ms']:.2f}+{r['concurrent_learner_cpu_ms']:.2f}+"
+            f"{r['concurrent_server_cpu_ms']:.2f} | {r['raw_producer_cpu_ms']:.2f}+{r['raw_server_cpu_ms']:.2f}"
         )
+    lines += [
+        "ratio: buffer push+read+ack (producer and learner at the same time) vs raw XADD, groups/s, median of runs",
+        "own: min(push-only, read+ack-only) rate vs raw (each side on its own core); "
+        "1core: push-only then read+ack-only, back to back",
+        "cpu: raw CPU per group / buffer CPU per group, summed over all processes (concurrent run)",
+    ]
     return "\n".join(lines)
 
 
@@ -186,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     producers = [int(x) for x in args.producers.split(",") if x.strip()]
     if not producers or min(producers) < 1:
         ap.error("--producers needs positive integers")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     groups = {"realistic": args.realistic_groups, "small": args.small_groups}
     repeat = args.repeat
     if args.quick:
@@ -194,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("need at least as many groups as producers")
     url, server = resolve_redis(args.url, appendfsync="everysec")
     try:
-        rows = run(url, producers, groups, repeat)
+        rows = run(url, server.pid if server is not None else None, producers, groups, repeat)
     finally:
         if server is not None:
             server.stop()
@@ -203,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [r["ratio"] for r in rows]
     print(f"headline: {head['size']} groups, {head['producers']} producer; "
           f"min ratio over scenarios {min(ratios):.3f}, geometric mean "
-          f"{statistics.geometric_mean(ratios):.3f}")
+          f"{statistics.geometric_mean(ratios):.3f}; load average at the end {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cpus")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"bench": "buffer", "machine": platform.platform(), "cpus": os.cpu_count(),
-                       "redis": "embedded" if server is not None else "external",
+                       "loadavg": os.getloadavg(), "redis": "embedded" if server is not None else "external",
                        "headline": {"size": head["size"], "producers": head["producers"]},
                        "buffer_vs_raw_xadd": head["ratio"], "rows": rows}, fh, indent=2)
     print(f"buffer_vs_raw_xadd={head['ratio']:.3f}")
