@@ -18,8 +18,10 @@ Two ways to enforce the deadline:
   returns within ``step_timeout_s`` + one watchdog period, but a hang that
   killing cannot interrupt blocks the caller.
 
-On this machine the two cost the same within measurement noise (``proxmo bench
-envs``: guarded/raw TextWorldExpress steps/s between 0.8 and 1.4 for both).
+Cost (``proxmo bench envs``, TextWorldExpress twc, 2 cores at load average
+~20): guarded/raw steps/s ranged 0.40-1.27 (isolate) and 0.52-1.36 (watchdog)
+over six runs, with no consistent difference between the two modes; an env
+step that is not sub-millisecond hides it entirely.
 
 :class:`TaskError` (bad input from the caller) passes through unchanged: it is
 a bug in the caller, not in the environment.
