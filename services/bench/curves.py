@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=3)
     ap.add_argument("--eval-episodes", type=int, default=96)
     ap.add_argument("--out", default="bench-results/curves")
+    ap.add_argument("--model", default="", help="warm-started model folder for every family given (default: per family)")
     ap.add_argument("--resume", action="store_true", help="keep finished runs' results, run only the rest")
     ap.add_argument("--json", dest="json_path", default="")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides for every run, e.g. learner.lr=5e-5")
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         ap.error(f"unknown families {unknown}; known: {sorted(FAMILIES)}")
-    results = [run_family(f, FAMILIES[f], args, list(args.overrides)) for f in families]
+    fams = {f: replace(FAMILIES[f], model=args.model) if args.model else FAMILIES[f] for f in families}
+    results = [run_family(f, fams[f], args, list(args.overrides)) for f in families]
     out = {"families": results, "seeds": args.seeds, "iterations": args.iterations, "overrides": args.overrides}
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,6 @@ class BenchStack:
         self.model_path = ""
 
     def start(self) -> None:
-        import ray
 
         from services.buffer import EmbeddedRedis
         from services.serving.app import deploy_policy
@@ -75,9 +74,7 @@ class BenchStack:
         if not self.redis_url:
             self.redis = EmbeddedRedis(data_dir=str(self.out_dir / "redis"))
             self.redis_url = self.redis.start()
-        if not ray.is_initialized():
-            ray.init(num_cpus=c.ray.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-                     namespace=c.ray.namespace, log_to_driver=False)
+        _init_ray(c.ray.num_cpus or max(8, os.cpu_count() or 1), c.ray.namespace)
         model_cfg = replace(c.model, path=self.model_path)
         self.deployment = deploy_policy(model_cfg, c.serving, port=0)
 
@@ -112,6 +109,25 @@ class BenchStack:
             ray.shutdown()
         if self.redis is not None:
             self.redis.stop()
+
+
+def _init_ray(num_cpus: int, namespace: str, attempts: int = 3) -> None:
+    """Start a local Ray; retry, because Ray gives its raylet a fixed 30 s to register and a
+    heavily loaded host (a shared CI box) misses that now and then."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=namespace, log_to_driver=False)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for the start-up timeout
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+            log.warning("ray.init attempt %d failed (%s); retrying", attempt, exc)
+            ray.shutdown()
+            time.sleep(5)
 
 
 def train_rows(rows: list[dict[str, float]]) -> list[dict[str, float]]:
