@@ -71,9 +71,10 @@ def test_rollout_worker_killed_mid_episode_and_mid_push(fault_env):
         _wait(lambda: run.pool.replaced >= 1, 60, "the first replacement")
         wid2 = _wait(lambda: (w := busy_worker(run)) and w != wid and w, 180, "the replacement's chunk")
         admin = redis.Redis.from_url(server.url)
-        admin.execute_command("CLIENT", "PAUSE", 90_000, "WRITE")
+        admin.execute_command("CLIENT", "PAUSE", 300_000, "WRITE")
         try:
-            blocked = _wait(lambda: _blocked_pushes(server), 80, "a push blocked by CLIENT PAUSE", step=0.2)
+            # The replacement first starts (tokenizer, JVM), then plays its episodes: minutes on a busy machine.
+            blocked = _wait(lambda: _blocked_pushes(server), 280, "a push blocked by CLIENT PAUSE", step=0.2)
             ray.kill(run.pool.workers[wid2], no_restart=True)
             events["mid_push"] = (wid2, blocked)
             time.sleep(1.0)  # the killed worker's connection is gone before writes resume
