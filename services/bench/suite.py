@@ -99,13 +99,11 @@ def metrics_from_json(name: str, data: Any) -> dict[str, float]:
     if name == "envs" and isinstance(data, list):
         for row in data:
             scen = str(row.get("scenario", ""))
-            if "ratio" in row:
-                out[scen] = float(row["ratio"])
-            for key in ("no_valid_vs_uncached",):
-                if key in row:
-                    out[f"scienceworld_{key}"] = float(row[key])
-            if "steps_per_s" in row:
-                out[scen] = float(row["steps_per_s"])
+            for key, value in row.items():
+                if key in ("ratio", "steps_per_s"):  # the scenario's own number
+                    out[scen] = float(value)
+                elif key.endswith("ratio") or "_vs_" in key:  # secondary ratios of the same scenario
+                    out[f"{scen}.{key}"] = float(value)
     return out
 
 

@@ -30,12 +30,14 @@ def test_kv_lines_and_headline():
 
 
 def test_envs_metrics_come_from_its_json():
-    rows = [{"scenario": "twx_guarded_vs_raw", "raw_steps_per_s": 800.0, "guarded_steps_per_s": 780.0, "ratio": 0.975},
+    rows = [{"scenario": "twx_guarded_vs_raw", "raw_steps_per_s": 800.0, "guarded_steps_per_s": 780.0, "watchdog_ratio": 0.8,
+             "ratio": 0.975},
             {"scenario": "scienceworld_cached_vs_uncached", "ratio": 6.1, "no_valid_vs_uncached": 3.2},
             {"scenario": "webshop_steps_per_s", "steps": 90, "steps_per_s": 410.5}]
     m = suite.metrics_from_json("envs", rows)
-    assert m == {"twx_guarded_vs_raw": 0.975, "scienceworld_cached_vs_uncached": 6.1,
-                 "scienceworld_no_valid_vs_uncached": 3.2, "webshop_steps_per_s": 410.5}
+    assert m == {"twx_guarded_vs_raw": 0.975, "twx_guarded_vs_raw.watchdog_ratio": 0.8,
+                 "scienceworld_cached_vs_uncached": 6.1,
+                 "scienceworld_cached_vs_uncached.no_valid_vs_uncached": 3.2, "webshop_steps_per_s": 410.5}
     assert suite.metrics_from_json("weights", {"sizes": []}) == {}
 
 
@@ -136,7 +138,7 @@ def test_scaling_ratios():
 
 def test_curves_aggregate_mean_and_standard_error(tmp_path):
     recs = {"proxmo": [], "grpo": []}
-    for seed, (a, b) in enumerate([(0.2, 0.5), (0.3, 0.6), (0.1, 0.4)]):
+    for a, b in [(0.2, 0.5), (0.3, 0.6), (0.1, 0.4)]:
         rows = [{"step": 0, "eval/success_rate": a, "eval/episodes": 8},
                 {"step": 1, "policy_version": 2, "rollout/success_rate": 0.3, "rollout/episode_length": 4.0,
                  "rollout/groups": 2.0, "time/iteration_s": 1.0},
