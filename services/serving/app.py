@@ -204,6 +204,39 @@ class PolicyDeployment:
             log.warning("could not kill the weight store actor")
 
 
+def _ensure_store(serving_cfg: ServingConfig, namespace: str, options: dict[str, Any] | None = None) -> Any:
+    """The named WeightStore actor replicas pull weights from (created once, then reused)."""
+    import ray
+
+    return ray.remote(WeightStore).options(
+        name=store_name(serving_cfg), namespace=namespace, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_concurrency=1000, **(options or {})).remote()
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve import path for `serve run` and the KubeRay RayService (``serveConfigV2``).
+
+    ``args``: ``config`` (YAML of the config tree; its ``model`` and ``serving`` sections are
+    used), optional ``checkpoint`` (a trained HF folder, e.g. ``runs/<run>/checkpoints/latest``,
+    which replaces ``model.path``) and optional ``overrides`` (list of ``key.path=value``).
+    """
+    from dataclasses import replace
+    from pathlib import Path
+
+    import ray
+
+    from services.config import load_config
+
+    cfg = load_config(args.get("config") or None, list(args.get("overrides") or []))
+    model = replace(cfg.model, path=str(args["checkpoint"]), tiny=False) if args.get("checkpoint") else cfg.model
+    if not Path(model.path, "config.json").is_file():
+        raise FileNotFoundError(f"app_builder: no Hugging Face model folder at {model.path!r} (no config.json); "
+                                "set args.checkpoint or model.path to a trained checkpoint")
+    ns = ray.get_runtime_context().namespace
+    _ensure_store(cfg.serving, ns)
+    return build_policy_app(model, cfg.serving, namespace=ns)
+
+
 def deploy_policy(model_cfg: ModelConfig, serving_cfg: ServingConfig, *, port: int | None = None,
                   store_options: dict[str, Any] | None = None) -> PolicyDeployment:
     """Start the WeightStore actor and the Serve app (Ray must be initialised); wait until ready.
@@ -214,9 +247,7 @@ def deploy_policy(model_cfg: ModelConfig, serving_cfg: ServingConfig, *, port: i
     from ray import serve
 
     ns = ray.get_runtime_context().namespace
-    store = ray.remote(WeightStore).options(
-        name=store_name(serving_cfg), namespace=ns, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_concurrency=1000, **(store_options or {})).remote()
+    store = _ensure_store(serving_cfg, ns, store_options)
     http_port = serving_cfg.port if port is None else (port or _free_port(serving_cfg.host))
     serve.start(http_options={"host": serving_cfg.host, "port": http_port})
     handle = serve.run(build_policy_app(model_cfg, serving_cfg, namespace=ns), name=serving_cfg.app_name,
