@@ -45,8 +45,9 @@ def _dotted(node: ast.AST) -> str:
     while isinstance(node, ast.Attribute):
         parts.append(node.attr)
         node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
+    if not isinstance(node, ast.Name):
+        return ""  # rooted in a call or subscript (model.eval() after from_pretrained(...)): not a module function
+    parts.append(node.id)
     return ".".join(reversed(parts))
 
 
@@ -131,6 +132,7 @@ def handler(payload, blob):
     c = torch.load(blob)
     d = np.load(blob, allow_pickle=True)
     e = np.load(blob)
+    f = make_model().eval()  # a method named eval is not the builtin
     return eval(payload)
 '''
 
