@@ -246,8 +246,10 @@ class TrainingRun:
         the records the buffer re-delivers (they were never acked), then runs
         ``iteration``. No rollout is dispatched again: the groups are still in the buffer.
         """
-        return self._with_learner(iteration, lambda: self.learner.train_iteration.remote(
+        m = self._with_learner(iteration, lambda: self.learner.train_iteration.remote(
             self.cfg.learner.groups_per_batch))
+        m["learner/restarts"] = float(self.learner_restarts)
+        return m
 
     def _with_learner(self, iteration: int | None, call, advance: bool = True) -> Any:
         import ray
