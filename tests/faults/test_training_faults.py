@@ -34,8 +34,8 @@ def _stats_client(cfg, url):
     return TrajectoryBuffer(cfg.buffer, url, consumer="fault-observer")
 
 
-def _blocked_pushes(server) -> list[str]:
-    """Clients of the server blocked in a script call (a push waiting out CLIENT PAUSE)."""
+def _clients(server) -> dict[str, dict[str, str]]:
+    """CLIENT LIST as {id: fields}."""
     import redis
 
     r = redis.Redis.from_url(server.url)
@@ -43,7 +43,21 @@ def _blocked_pushes(server) -> list[str]:
         lines = r.execute_command("CLIENT", "LIST").decode().splitlines()
     finally:
         r.close()
-    return [ln for ln in lines if " cmd=evalsha" in ln and " flags=b" in ln]
+    out = {}
+    for ln in lines:
+        fields = dict(kv.split("=", 1) for kv in ln.split() if "=" in kv)
+        out[fields["id"]] = fields
+    return out
+
+
+def _blocked_pushes(server) -> list[str]:
+    """Clients of the server blocked in a script call (a push waiting out CLIENT PAUSE)."""
+    return [cid for cid, f in _clients(server).items() if f.get("cmd") == "evalsha" and "b" in f.get("flags", "")]
+
+
+def _new_producer_ready(server, known: set[str]) -> bool:
+    """A connection opened after ``known`` that has created its consumer group (a started worker)."""
+    return any(cid not in known and f.get("cmd", "").startswith("xgroup") for cid, f in _clients(server).items())
 
 
 def test_rollout_worker_killed_mid_episode_and_mid_push(fault_env):
@@ -63,6 +77,7 @@ def test_rollout_worker_killed_mid_episode_and_mid_push(fault_env):
     def killer(run):
         # Kill 1: a worker with a chunk in flight, half a second in (mid-episode).
         wid = _wait(lambda: busy_worker(run), 180, "a busy rollout worker")
+        known = set(_clients(server))
         time.sleep(0.5)
         ray.kill(run.pool.workers[wid], no_restart=True)
         events["mid_episode"] = wid
@@ -70,10 +85,11 @@ def test_rollout_worker_killed_mid_episode_and_mid_push(fault_env):
         # blocks inside Redis. Kill it there, then let Redis go on.
         _wait(lambda: run.pool.replaced >= 1, 60, "the first replacement")
         wid2 = _wait(lambda: (w := busy_worker(run)) and w != wid and w, 180, "the replacement's chunk")
+        # Pause only once the replacement is constructed (its XGROUP CREATE is a write, too).
+        _wait(lambda: _new_producer_ready(server, known), 240, "the replacement's buffer connection", step=0.2)
         admin = redis.Redis.from_url(server.url)
         admin.execute_command("CLIENT", "PAUSE", 300_000, "WRITE")
         try:
-            # The replacement first starts (tokenizer, JVM), then plays its episodes: minutes on a busy machine.
             blocked = _wait(lambda: _blocked_pushes(server), 280, "a push blocked by CLIENT PAUSE", step=0.2)
             ray.kill(run.pool.workers[wid2], no_restart=True)
             events["mid_push"] = (wid2, blocked)
