@@ -92,7 +92,7 @@ def test_killed_replica_is_replaced_and_serves_current_weights(policy_app, redis
         # Weights move on while no replica is up: the replacement must load these, not the old ones.
         v2 = v1 + 1
         client.publish_weights(policy_app.initial_state, v2)
-        th.join(timeout=480)
+        th.join(timeout=600)
         assert not th.is_alive(), "rollout did not finish after the replica was replaced"
         assert "error" not in result, result.get("error")
         recovered_s = time.monotonic() - t_kill
