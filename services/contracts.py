@@ -29,8 +29,8 @@ Not adopted, with the measurement: storing each prompt as a delta against the
 previous prompt of its trajectory (kept prefix length + new tail). Finding the
 common prefix of 400 prompts cost ~1.1 ms per group in numpy (one comparison
 per step) and rebuilding them ~0.5 ms, more than the whole zstd pass it was
-meant to save (the compressor already finds those repeats); and the compressed
-size was no smaller (166 KB vs 110 KB, because the tails still repeat history).
+meant to save (the compressor already finds those repeats), for a record only
+~4% smaller (166 KB vs 172 KB: the tails still repeat the recent history).
 
 Encoding gathers the fields of all steps with one ``attrgetter`` pass and
 concatenates the arrays in C; decoding builds each :class:`StepRecord` without

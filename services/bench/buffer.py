@@ -167,7 +167,8 @@ def _codec(size: str, reps: int = 15) -> dict[str, float]:
         dec.append(time.perf_counter() - t)
     raw = encode_group(g, compress_min_bytes=1 << 40)
     return {"wire_bytes": len(data), "uncompressed_bytes": len(raw),
-            "encode_ms": statistics.median(enc) * 1e3, "decode_ms": statistics.median(dec) * 1e3}
+            "encode_ms": statistics.median(enc) * 1e3, "decode_ms": statistics.median(dec) * 1e3,
+            "encode_min_ms": min(enc) * 1e3, "decode_min_ms": min(dec) * 1e3}
 
 
 def _summarize(n: int, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
@@ -193,7 +194,7 @@ def _summarize(n: int, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any
 def run(url: str, server_pid: int | None, producers: list[int], groups: dict[str, int],
         repeat: int) -> list[dict[str, Any]]:
     rows = []
-    for size in SIZES:
+    for size in groups:
         codec = _codec(size)
         for p in producers:
             n = groups[size] // p * p
@@ -244,23 +245,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--realistic-groups", type=int, default=48)
     ap.add_argument("--small-groups", type=int, default=480)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated group sizes out of {list(SIZES)}")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few groups, one repeat")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from services.buffer import resolve_redis
-
     producers = [int(x) for x in args.producers.split(",") if x.strip()]
     if not producers or min(producers) < 1:
         ap.error("--producers needs positive integers")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
-    groups = {"realistic": args.realistic_groups, "small": args.small_groups}
+    sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    if not sizes or not set(sizes) <= set(SIZES):
+        ap.error(f"--sizes takes names out of {list(SIZES)}, got {args.sizes!r}")
+    counts = {"realistic": args.realistic_groups, "small": args.small_groups}
     repeat = args.repeat
     if args.quick:
-        groups, repeat = {"realistic": 8, "small": 40}, 1
+        counts, repeat = {"realistic": 8, "small": 40}, 1
+    groups = {s: counts[s] for s in sizes}
     if min(groups.values()) < max(producers):
         ap.error("need at least as many groups as producers")
+    from services.buffer import resolve_redis
+
     url, server = resolve_redis(args.url, appendfsync="everysec")
     try:
         rows = run(url, server.pid if server is not None else None, producers, groups, repeat)
@@ -268,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     print(_table(rows))
-    head = next(r for r in rows if (r["size"], r["producers"]) == HEADLINE) if HEADLINE[1] in producers else rows[0]
+    head = next((r for r in rows if (r["size"], r["producers"]) == HEADLINE), rows[0])
     ratios = [r["ratio"] for r in rows]
     print(f"headline: {head['size']} groups, {head['producers']} producer; "
           f"min ratio over scenarios {min(ratios):.3f}, geometric mean "
@@ -280,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                        "loadavg": os.getloadavg(), "redis": "embedded" if server is not None else "external",
                        "headline": {"size": head["size"], "producers": head["producers"]},
                        "buffer_vs_raw_xadd": head["ratio"], "rows": rows}, fh, indent=2)
+    # key=value lines for `proxmo bench all`; the last one is the headline
+    print(f"buffer_own_cores_vs_raw_xadd={head['own_cores_ratio']:.3f}")
+    print(f"buffer_cpu_vs_raw_xadd={head['cpu_ratio']:.3f}")
     print(f"buffer_vs_raw_xadd={head['ratio']:.3f}")
     return 0
 
