@@ -12,9 +12,10 @@ model on ~175-token prompts.
 Parser (paper): lowercase, take the first ``<action>...</action>``; the turn is
 *invalid* when the tag is missing, the text contains CJK characters, or the
 action is empty or longer than ``max_chars``. Invalid turns get ``action=""``;
-the rollout worker still steps the environment with it (adapters answer an
-empty or inadmissible command with their own "nothing happens" feedback) and
-the learner applies the invalid-action penalty.
+the rollout worker spends the turn without stepping the environment (the
+observation stays the same) and the learner applies the invalid-action penalty.
+Every adapter also answers an empty or junk command without failing, for
+callers that do step the environment.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from dataclasses import dataclass
 
 from services.config import EnvConfig
 
-_ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL | re.IGNORECASE)
+# Two plain searches instead of one lazy pattern: "<action>(.*?)</action>" re-scans the rest of
+# the text for every unclosed opening tag (quadratic on adversarial outputs); this is linear.
+_OPEN_RE = re.compile(r"<action>", re.IGNORECASE)
+_CLOSE_RE = re.compile(r"</action>", re.IGNORECASE)
 # CJK Unified Ideographs (+ext A), compatibility ideographs, kana, hangul, CJK punctuation.
 _CJK_RE = re.compile(r"[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
@@ -42,10 +46,11 @@ def parse_action(text: str, max_chars: int) -> ParsedAction:
         return ParsedAction("", False, "missing_tag")
     if _CJK_RE.search(text):
         return ParsedAction("", False, "cjk")
-    m = _ACTION_RE.search(text)
-    if m is None:
+    opened = _OPEN_RE.search(text)
+    closed = _CLOSE_RE.search(text, opened.end()) if opened else None
+    if closed is None:
         return ParsedAction("", False, "missing_tag")
-    action = " ".join(m.group(1).split()).lower()
+    action = " ".join(text[opened.end() : closed.start()].split()).lower()
     if not action:
         return ParsedAction("", False, "empty")
     if len(action) > max_chars:
