@@ -17,6 +17,7 @@ imported lazily (STYLE.md 4).
 from __future__ import annotations
 
 import importlib
+import logging
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.config import EnvConfig
+
+log = logging.getLogger(__name__)
 
 WIN_REWARD = 10.0  # paper convention: 10 at the winning step, 0 otherwise
 
@@ -166,6 +169,32 @@ class TextEnv(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class JvmEnvMixin:
+    """``kill``/``close`` for adapters whose simulator runs in a py4j JVM (``self._sim``).
+
+    The adapter sets ``self._closed = False`` and names itself in ``_sim_label``.
+    """
+
+    _sim_label = "the simulator"
+
+    def kill(self) -> None:
+        # A frozen JVM also freezes py4j's polite shutdown: kill the process first.
+        try:
+            self._sim._gateway.java_process.kill()
+        except Exception as exc:  # noqa: BLE001 - already dead
+            log.debug("killing the JVM: %s", exc)
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sim.close()
+        except Exception as exc:  # noqa: BLE001 - the JVM may already be gone
+            log.debug("closing %s: %s", self._sim_label, exc)
 
 
 def sample_from(pool: list[Any], n: int, seed: int) -> list[Any]:

@@ -22,7 +22,7 @@ from dataclasses import fields
 from typing import Any
 
 from services.config import EnvConfig
-from services.envs.base import Task, TaskError, TextEnv, sample_from
+from services.envs.base import JvmEnvMixin, Task, TaskError, TextEnv, sample_from
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def _default_game() -> str:
     return next(f.default for f in fields(EnvConfig) if f.name == "game")
 
 
-class ScienceWorldEnv(TextEnv):
+class ScienceWorldEnv(JvmEnvMixin, TextEnv):
+    _sim_label = "ScienceWorld"
     name = "scienceworld"
     family = "scienceworld"
 
@@ -122,19 +123,3 @@ class ScienceWorldEnv(TextEnv):
     def expert_actions(self) -> list[str] | None:
         return list(self._gold) if self._gold else None
 
-    def kill(self) -> None:
-        # A frozen JVM also freezes py4j's polite shutdown: kill the process first.
-        try:
-            self._sim._gateway.java_process.kill()
-        except Exception as exc:  # noqa: BLE001 - already dead
-            log.debug("killing the JVM: %s", exc)
-        self.close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._sim.close()
-        except Exception as exc:  # noqa: BLE001 - the JVM may already be gone
-            log.debug("closing ScienceWorld: %s", exc)

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from services.config import EnvConfig
-from services.envs.base import Task, TaskError, TextEnv, sample_from
+from services.envs.base import JvmEnvMixin, Task, TaskError, TextEnv, sample_from
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ GAMES = ("cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "s
 _SPLITS = {"train": "train", "dev": "dev", "valid": "dev", "test": "test"}
 
 
-class TextWorldExpressEnv(TextEnv):
+class TextWorldExpressEnv(JvmEnvMixin, TextEnv):
+    _sim_label = "TextWorldExpress"
     name = "textworldexpress"
     family = "textworldexpress"
 
@@ -83,22 +84,6 @@ class TextWorldExpressEnv(TextEnv):
     def expert_actions(self) -> list[str] | None:
         return list(self._gold) if self._gold is not None else None
 
-    def kill(self) -> None:
-        # A frozen JVM also freezes py4j's polite shutdown: kill the process first.
-        try:
-            self._sim._gateway.java_process.kill()
-        except Exception as exc:  # noqa: BLE001 - already dead
-            log.debug("killing the JVM: %s", exc)
-        self.close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._sim.close()
-        except Exception as exc:  # noqa: BLE001 - the JVM may already be gone
-            log.debug("closing TextWorldExpress: %s", exc)
 
     @property
     def simulator(self) -> Any:
