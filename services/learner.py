@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import services.featurizers  # noqa: F401  (registers the "minilm" featurizer; the model loads on first use)
 from proxmo import AdvantageInputs, compute_advantages
 from proxmo.config import AdvantageConfig, LossConfig
 from proxmo.losses import policy_loss
