@@ -128,7 +128,7 @@ class LearnerWorker:
         else:
             m["skipped"] = 1.0
         t2 = time.perf_counter()
-        m["time/weight_sync_s"] = self.publish()
+        m["time/weight_sync_s"] = sync_s = self.publish()
         self.unacked.extend(ids)
         self.iteration += 1
         if self.iteration % self.checkpoint_every == 0:
@@ -136,7 +136,7 @@ class LearnerWorker:
         t3 = time.perf_counter()
         self.idle_seconds += t1 - t0
         self.busy_seconds += t3 - t1
-        m.update({"time/learner_wait_s": t1 - t0, "time/learner_step_s": t2 - t1, "time/checkpoint_s": t3 - t2,
+        m.update({"time/learner_wait_s": t1 - t0, "time/learner_step_s": t2 - t1, "time/checkpoint_s": t3 - t2 - sync_s,
                   "learner/idle_ratio": self.idle_seconds / max(self.idle_seconds + self.busy_seconds, 1e-9),
                   "policy_version": float(self.learner.version), "learner/step": float(self.learner.step)})
         m.update({f"buffer/{k}": float(v) for k, v in self.buffer.stats().items() if isinstance(v, (int, float))})

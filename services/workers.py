@@ -74,7 +74,7 @@ class WorkerPool:
             timeout_s: float = 3600.0) -> list[GroupSummary]:
         """Run all assignments; returns one summary per assignment (re-runs included once)."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError
 
         todo = deque(assignments[i : i + self.groups_per_chunk] for i in range(0, len(assignments), self.groups_per_chunk))
         inflight: dict[Any, tuple[str, list[Assignment]]] = {}
@@ -99,7 +99,7 @@ class WorkerPool:
                 self._busy.discard(wid)
                 try:
                     done.extend(ray.get(ref))
-                except (RayActorError, GetTimeoutError) as exc:
+                except (RayActorError, GetTimeoutError, OutOfMemoryError) as exc:
                     self._replace(wid, exc)
                     retry = [replace(a, attempt=a.attempt + 1) for a in chunk]
                     if retry[0].attempt >= self.max_attempts:
@@ -110,8 +110,15 @@ class WorkerPool:
 
     def _replace(self, wid: str, exc: BaseException) -> None:
         log.warning("rollout worker %s died (%s); replacing it and re-running its groups", wid, type(exc).__name__)
+        import ray
+
         with self._lock:
-            self.workers.pop(wid, None)
+            handle = self.workers.pop(wid, None)
+            if handle is not None:  # an OOM-killed task may leave its actor alive: stop it for good
+                try:
+                    ray.kill(handle, no_restart=True)
+                except Exception:  # already dead
+                    pass
             if wid in self.retiring:
                 self.retiring.discard(wid)
             else:
