@@ -140,7 +140,8 @@ class TrainingRun:
         self.out.mkdir(parents=True, exist_ok=True)
         # Warm start first, on all cores, before any actor competes for them.
         model_path = ensure_warm_model(cfg.model, cfg.env, cfg.sft, cfg.seed)
-        self.model_cfg = replace(cfg.model, path=model_path)
+        # Absolute: Ray workers and Serve replicas do not share the driver's working directory.
+        self.model_cfg = replace(cfg.model, path=str(Path(model_path).resolve()))
         self.buffer_url = self._start_redis()
         self._init_ray()
         self.control = ray.remote(Control).options(name=f"{CONTROL_ACTOR}-{cfg.run_name}", num_cpus=0,
