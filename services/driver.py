@@ -178,7 +178,8 @@ class TrainingRun:
         if rc.address:
             ray.init(address=rc.address, namespace=rc.namespace, log_to_driver=True)
         else:
-            ray.init(num_cpus=rc.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=rc.dashboard,
+            # address="local": always a fresh local instance, never a cluster someone else started here.
+            ray.init(address="local", num_cpus=rc.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=rc.dashboard,
                      dashboard_host=rc.dashboard_host, namespace=rc.namespace, log_to_driver=False)
 
     def _deploy_policy(self, port: int | None = None):
