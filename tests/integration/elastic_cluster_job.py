@@ -60,7 +60,7 @@ def main() -> int:
         "run_name=elastic", f"output_dir={work}", "iterations=3", "eval_episodes=2", "checkpoint_every=1",
         f"buffer.url={url}", f"model.path={model_dir}", "model.tiny=false", "env.max_steps=3",
         "rollout.group_size=2", "rollout.envs_per_worker=2", "rollout.num_workers=1", "rollout.min_workers=1",
-        "rollout.max_workers=2", "rollout.num_cpus=0.5", "rollout.resources={rollout: 0.01}",
+        "rollout.max_workers=2", "rollout.num_cpus=0.5", "rollout.resources={rollout: 1}",
         "learner.groups_per_batch=2", "learner.num_cpus=0.5", "sampling.max_tokens=8",
         "serving.num_cpus=0.25", "serving.gpu_memory_utilization=0.1", "serving.port=0", "ray.dashboard=false",
     ])
@@ -78,7 +78,9 @@ def main() -> int:
         run.pool.run(run.assignments(0))
         _ray.get(run.learner.train_iteration.remote(2))
 
-        node_b = cluster.add_node(num_cpus=2, resources={"rollout": 1})
+        # Each worker takes a whole unit of "rollout": node A holds one, node B two (room for the
+        # worker that replaces A's when A leaves).
+        node_b = cluster.add_node(num_cpus=2, resources={"rollout": 2})
         run.pool.scale(2)
         _wait(lambda: len(_actor_nodes("_RolloutActor")) == 2, 120, "second worker never placed")
         run.pool.run(run.assignments(1))
