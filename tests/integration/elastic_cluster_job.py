@@ -24,9 +24,13 @@ import time
 
 
 def _actor_nodes(class_name: str) -> dict[str, str]:
+    import ray
     from ray.util.state import list_actors
 
-    return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])}
+    # Name this cluster explicitly: other Ray instances may run on the same machine.
+    address = ray.get_runtime_context().gcs_address
+    alive = list_actors(address=address, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    return {a.actor_id: a.node_id for a in alive}
 
 
 def _wait(cond, timeout_s: float, what: str) -> None:
