@@ -8,27 +8,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from dataclasses import replace
 
 import pytest
 
-from services.config import load_config
 from services.driver import TrainingRun
+from tests.fixtures.training import small_train_config
 
 
 def _cfg(tmp_path, redis_url, model_dir, **over):
-    name = f"t{uuid.uuid4().hex[:8]}"
-    overrides = [
-        f"run_name={name}", f"output_dir={tmp_path}", "iterations=2", "eval_episodes=4", "checkpoint_every=1",
-        f"buffer.url={redis_url}", f"buffer.stream=train:{name}", "buffer.max_depth=16",
-        f"model.path={model_dir}", "model.tiny=false",
-        "env.max_steps=3", "rollout.group_size=2", "rollout.envs_per_worker=4", "rollout.num_workers=1",
-        "rollout.min_workers=1", "rollout.max_workers=3", "rollout.num_cpus=0.25",
-        "learner.groups_per_batch=2", "learner.micro_batch_size=16", "learner.num_cpus=0.5", "learner.lr=1e-4",
-        "sampling.max_tokens=12", "ray.dashboard=false",
-    ] + [f"{k}={v}" for k, v in over.items()]
-    return load_config(None, overrides)
+    return small_train_config(tmp_path, redis_url, model_dir, **over)
 
 
 def _run(cfg, policy_app, during=None):
