@@ -100,12 +100,45 @@ def _pad_batch(steps: list[StepRecord], device: torch.device):
     return ids.to(device), attn.to(device), resp.to(device)
 
 
-def token_logprobs(model, ids, attn, with_entropy: bool = False):
-    """Log-prob of each next token [B, L-1] (and the policy entropy there)."""
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+def _decoder_and_head(model):
+    """(decoder, output head) when logits are exactly ``head(decoder(...).last_hidden_state)``."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None, None  # Gemma-2 / Cohere style post-processing of the logits
+    try:
+        return model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, ValueError, NotImplementedError):
+        return None, None
+
+
+def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None):
+    """Log-prob of each next token [B, L-1] (and the policy entropy there).
+
+    With ``mask`` [B, L-1] (the response positions), the output head and the
+    softmax run on those positions only and every other position is 0: prompts
+    are ~90% of the tokens of an agent turn, and for a 150k-token vocabulary the
+    full-sequence logits would dwarf the model's activations. Models without a
+    separable decoder/head fall back to full logits.
+    """
+    decoder, head = _decoder_and_head(model) if mask is not None else (None, None)
+    if decoder is None:
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+        if mask is not None:
+            chosen = chosen * mask
+            entropy = entropy * mask if entropy is not None else None
+        return chosen, entropy
+    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    where = mask.nonzero(as_tuple=True)
+    logp = torch.log_softmax(head(hidden[where]).float(), dim=-1)  # [N, V], N = response tokens
+    picked = logp.gather(-1, ids[:, 1:][where].unsqueeze(-1)).squeeze(-1)
+    chosen = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(where, picked)
+    entropy = None
+    if with_entropy:
+        ent = -(logp.exp() * logp).sum(-1)
+        entropy = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).index_put(where, ent)
     return chosen, entropy
 
 
@@ -161,6 +194,8 @@ class Learner:
         rows, adv = self.advantages(groups)
         t_adv = time.perf_counter() - t0
         idx = np.flatnonzero(rows.trainable)
+        # Micro-batches of similar lengths pad less; the token-mean loss does not depend on the split.
+        idx = idx[np.argsort([len(rows.steps[i].prompt_ids) + len(rows.steps[i].response_ids) for i in idx], kind="stable")]
         metrics: dict[str, float] = {"rows": float(len(rows.steps)), "trainable_rows": float(len(idx))}
         if len(idx) == 0:
             log.warning("batch has no trainable rows (all infra failures or empty responses); skipping update")
@@ -190,7 +225,7 @@ class Learner:
 
     def _micro_step(self, steps: list[StepRecord], adv: np.ndarray, n_rows: int, total_tokens: float):
         ids, attn, resp = _pad_batch(steps, self.device)
-        logp, entropy = token_logprobs(self.model, ids, attn, with_entropy=self.loss_cfg.entropy_coef > 0)
+        logp, entropy = token_logprobs(self.model, ids, attn, with_entropy=self.loss_cfg.entropy_coef > 0, mask=resp)
         if self.cfg.recompute_old_logprobs:
             old = logp.detach()
         else:
@@ -198,7 +233,7 @@ class Learner:
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref, _ = token_logprobs(self.ref_model, ids, attn)
+                ref, _ = token_logprobs(self.ref_model, ids, attn, mask=resp)
         adv_t = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
         out = policy_loss(logp, old, adv_t, resp.float(), ref_logprobs=ref, entropy=entropy, cfg=self.loss_cfg)
         n_tok = float(resp.sum())

@@ -115,3 +115,19 @@ def test_non_finite_rewards_are_refused(model_dir):
     groups[0].episodes[0].steps[0].reward = float("nan")
     with pytest.raises(ValueError):
         _learner(model_dir).update(groups)
+
+
+def test_response_only_logprobs_equal_full_logits(model_dir):
+    """The head-on-response-positions path gives the full-logits numbers at those positions, 0 elsewhere."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    steps = [step for g in _groups(model_dir, n_groups=1) for e in g.episodes for step in e.steps]
+    ids, attn, mask = _pad_batch(steps, torch.device("cpu"))
+    with torch.no_grad():
+        full, full_ent = token_logprobs(model, ids, attn, with_entropy=True)
+        fast, fast_ent = token_logprobs(model, ids, attn, with_entropy=True, mask=mask)
+    assert mask.any() and not mask.all()
+    torch.testing.assert_close(fast[mask], full[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_ent[mask], full_ent[mask], rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(fast[~mask]) == 0 and torch.count_nonzero(fast_ent[~mask]) == 0
