@@ -14,6 +14,7 @@ Covered elsewhere, not repeated here:
 from __future__ import annotations
 
 import random
+import struct
 import time
 
 import msgpack
@@ -124,6 +125,11 @@ def test_random_corruption_is_a_record_error_never_a_crash():
     assert outcomes["error"] > 0 and sum(outcomes.values()) == 600, outcomes
 
 
+def _framed(head: bytes) -> bytes:
+    """An uncompressed record whose msgpack head is ``head`` (schema 4 framing, no column bytes)."""
+    return MAGIC + b"\x00" + struct.pack("<I", len(head)) + head + b"\x00" * (-(4 + len(head)) % 4)
+
+
 def _nested(depth: int) -> list:
     out: list = []
     for _ in range(depth):
@@ -140,16 +146,16 @@ def _nested(depth: int) -> list:
 ])
 def test_wrong_schema_bodies(label, body):
     with pytest.raises(RecordError):
-        decode_group(MAGIC + b"\x00" + msgpack.packb(body, use_bin_type=True))
+        decode_group(_framed(msgpack.packb(body, use_bin_type=True)))
 
 
 def test_msgpack_ext_types_and_bad_utf8_are_rejected():
     ext = msgpack.packb({"v": msgpack.ExtType(42, b"\x80\x03cos\nsystem\n")}, use_bin_type=True)
     with pytest.raises(RecordError):
-        decode_group(MAGIC + b"\x00" + ext)
+        decode_group(_framed(ext))
     bad_utf8 = b"\x81\xa1v\xa2\xff\xfe"  # {"v": <invalid utf-8 str>}
     with pytest.raises(RecordError):
-        decode_group(MAGIC + b"\x00" + bad_utf8)
+        decode_group(_framed(bad_utf8))
 
 
 def test_every_truncation_of_a_record_is_rejected():
@@ -162,7 +168,7 @@ def test_every_truncation_of_a_record_is_rejected():
 def test_huge_declared_lengths_do_not_allocate():
     # A msgpack array header claiming 2**32-1 items in a 10-byte payload.
     with pytest.raises(RecordError):
-        decode_group(MAGIC + b"\x00" + b"\xdd\xff\xff\xff\xff" + b"\x00" * 5)
+        decode_group(_framed(b"\xdd\xff\xff\xff\xff" + b"\x00" * 5))
 
 
 # --------------------------------------------------------------------------- configs

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import struct
+import threading
 
 import msgpack
 import numpy as np
@@ -43,15 +45,36 @@ def _assert_same(a: GroupRecord, b: GroupRecord) -> None:
             assert sb.prompt_ids.flags.writeable and sb.response_ids.flags.writeable and sb.logprobs.flags.writeable
 
 
-def _body(g: GroupRecord) -> dict:
-    """The msgpack body of an uncompressed encoding, for surgical corruption."""
-    data = encode_group(g, compress_min_bytes=1 << 40)
+def _unframe(data: bytes) -> dict:
+    """The head of an uncompressed record with its three columns put back as ``steps`` p/q/lp bytes.
+
+    Layout (schema 4): MAGIC | flags | u32 LE head length | msgpack head | zero pad to 4 | p | q | lp.
+    """
     assert data[4] == 0
-    return msgpack.unpackb(data[5:], raw=False)
+    payload = data[5:]
+    (n,) = struct.unpack_from("<I", payload)
+    body = msgpack.unpackb(payload[4:4 + n], raw=False)
+    pos = (4 + n + 3) & ~3
+    for key, nb in zip(("p", "q", "lp"), body["steps"].pop("cb"), strict=True):
+        body["steps"][key] = payload[pos:pos + nb]
+        pos += nb
+    assert pos == len(payload)
+    return body
+
+
+def _body(g: GroupRecord) -> dict:
+    """The head and columns of an uncompressed encoding, for surgical corruption."""
+    return _unframe(encode_group(g, compress_min_bytes=1 << 40))
 
 
 def _pack(body: dict) -> bytes:
-    return MAGIC + b"\x00" + msgpack.packb(body, use_bin_type=True)
+    """Frame ``body`` as ``_unframe`` reads it; ``cb`` is derived from the columns unless set."""
+    steps = dict(body["steps"])
+    cols = [steps.pop(k, b"") for k in ("p", "q", "lp")]
+    steps.setdefault("cb", [len(c) for c in cols])
+    head = msgpack.packb({**body, "steps": steps}, use_bin_type=True)
+    pad = b"\x00" * (-(4 + len(head)) % 4)
+    return MAGIC + b"\x00" + struct.pack("<I", len(head)) + head + pad + b"".join(cols)
 
 
 def test_round_trip_small_uncompressed():
@@ -141,7 +164,9 @@ def test_wrong_schema_version(version):
         (("steps", "r"), b"\x00" * 8, "steps.r: 1 values for 24 steps"),
         (("steps", "ok"), 1, "steps.ok: expected bytes"),
         (("steps", "ok"), b"\x02" * 24, "booleans must be 0 or 1"),
-        (("steps", "p"), [1, 2, 3], "steps.p: expected bytes"),
+        (("steps", "cb"), "12", "steps.cb: expected list"),
+        (("steps", "cb"), [1, 2], "expected 3 column byte lengths"),
+        (("steps", "cb"), [-2, 1, 1], "expected 3 column byte lengths"),
         (("steps", "i"), {}, "steps.i: expected list"),
         (("steps", "q"), b"\x01\x00\x00", "multiple of 2"),
         (("steps", "tw"), 3, "token width must be 2 or 4"),
@@ -166,11 +191,68 @@ def test_wrong_type_inside_a_column_names_the_step():
         decode_group(_pack(body))
 
 
+def _frame_head(head: dict) -> bytes:
+    """A record of ``head`` alone (no column bytes)."""
+    packed = msgpack.packb(head, use_bin_type=True)
+    return MAGIC + b"\x00" + struct.pack("<I", len(packed)) + packed + b"\x00" * (-(4 + len(packed)) % 4)
+
+
 def test_missing_field():
     body = _body(small_group())
-    del body["steps"]["lp"]
-    with pytest.raises(RecordError, match="missing field 'lp'"):
+    del body["steps"]["o"]
+    with pytest.raises(RecordError, match="missing field 'o'"):
         decode_group(_pack(body))
+    body = _body(small_group())
+    body["steps"] = {k: v for k, v in body["steps"].items() if k not in ("p", "q", "lp")}
+    with pytest.raises(RecordError, match="missing field 'cb'"):
+        decode_group(_frame_head(body))
+
+
+@pytest.mark.parametrize("change", ["short", "long"])
+def test_column_bytes_must_match_the_declared_lengths(change):
+    data = encode_group(small_group(), compress_min_bytes=1 << 40)
+    bad = data[:-2] if change == "short" else data + b"\x00\x00"
+    with pytest.raises(RecordError, match="truncated or padded record"):
+        decode_group(bad)
+
+
+def test_head_length_beyond_the_payload():
+    data = bytearray(encode_group(small_group(), compress_min_bytes=1 << 40))
+    data[5:9] = struct.pack("<I", len(data))
+    with pytest.raises(RecordError, match="truncated or corrupt record: header of"):
+        decode_group(bytes(data))
+
+
+def test_schema_3_record_names_its_version():
+    # Schema 3 kept the columns inside the msgpack map; this build refuses it by name.
+    old = msgpack.packb({"v": 3, "task_id": "t", "steps": {}}, use_bin_type=True)
+    with pytest.raises(RecordError, match=r"unsupported schema version 3 \(this build reads 4\)"):
+        decode_group(_frame_head({"v": 3, "task_id": "t", "steps": {}}))
+    with pytest.raises(RecordError):  # a raw schema-3 byte string has no head length: still a RecordError
+        decode_group(MAGIC + b"\x00" + old)
+
+
+def test_encodings_do_not_share_memory_across_calls_or_threads():
+    """encode_group reuses per-thread scratch buffers; its results must be independent bytes."""
+    groups = [make_group(episodes=2, steps=6, prompt_tokens=300, seed=s) for s in range(4)]
+    first = [encode_group(g) for g in groups]
+    again = [encode_group(g, compress_min_bytes=1 << 40) for g in groups]
+    for g, a, b in zip(groups, first, again, strict=True):
+        _assert_same(g, decode_group(a))
+        _assert_same(g, decode_group(b))
+    out: dict[int, list[bytes]] = {}
+
+    def work(k: int) -> None:
+        out[k] = [encode_group(groups[(k + i) % 4], compress_min_bytes=1 << 40) for i in range(20)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, datas in out.items():
+        for i, data in enumerate(datas):
+            assert data == again[(k + i) % 4]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -266,7 +348,7 @@ def test_token_width_follows_the_largest_id(top, width):
     g = small_group()
     g.episodes[2].steps[1].response_ids[3] = top
     data = encode_group(g, compress_min_bytes=1 << 40)
-    body = msgpack.unpackb(data[5:], raw=False)
+    body = _unframe(data)
     assert body["steps"]["tw"] == width
     assert len(body["steps"]["p"]) == width * sum(len(s.prompt_ids) for e in g.episodes for s in e.steps)
     out = decode_group(data)
