@@ -19,8 +19,9 @@ Schema 4 (issue 3) moves the three large columns out of the msgpack map:
 msgpack copies every bin into a new bytes object on unpack (~0.9 MB per
 realistic group) and packing them needed a join; now the encoder casts the ids
 straight into a reused per-thread buffer and the decoder reads them in place.
-Together with the scratch buffers (:func:`_scratch`), this removed the ~800
-page faults per encode that fresh multi-MB temporaries cost. Schema 3 records
+Together with reused memory (``services.wire_memory``) this removed most of the
+~800 page faults per encode and ~400 per decode that fresh multi-MB buffers
+cost. Schema 3 records
 are refused with an error naming the version (draining them needs the old
 build); decoding them too would keep a second parser for a one-off migration.
 
@@ -64,6 +65,8 @@ from typing import Any
 import msgpack
 import numpy as np
 import zstandard
+
+from services.wire_memory import RecycledBlocks, scratch
 
 SCHEMA_VERSION = 4
 MAGIC = b"PXG1"
@@ -180,19 +183,19 @@ _STEP_FIELDS = operator.attrgetter(
 )
 
 
-def _flat(arrays: tuple[Any, ...], name: str, scratch: str = "") -> np.ndarray:
+def _flat(arrays: tuple[Any, ...], name: str, reuse: str = "") -> np.ndarray:
     """All steps' ids (int32) or log-probs (float32) in one array.
 
-    With ``scratch`` the int32 ids go into this thread's reusable buffer of that name
+    With ``reuse`` the int32 ids go into this thread's scratch buffer of that name
     (the caller must not keep the result); fields reassigned after construction
     skipped ``__post_init__`` and take the checked path.
     """
     if name == "logprobs" and not arrays:
         return np.zeros(0, np.float32)
-    if scratch and arrays:
+    if reuse and arrays:
         n = sum(map(len, arrays))
         try:  # casting="no": any piece that is not int32 (int64, list, float...) takes the checked path
-            return np.concatenate(arrays, out=_scratch(scratch, 4 * n)[:4 * n].view(np.int32), casting="no")
+            return np.concatenate(arrays, out=scratch(reuse, 4 * n)[:4 * n].view(np.int32), casting="no")
         except (TypeError, ValueError):
             pass
     try:
@@ -230,8 +233,8 @@ def _check_types(vals: Any, typ: type, key: str, ep_steps: np.ndarray) -> None:
             raise RecordError(f"{_where(ep_steps, i)}.{key}: expected {typ.__name__}, got {type(v).__name__}")
 
 
-def _columns(g: GroupRecord, scratch: bool = False) -> _Columns:
-    """The group as columns; with ``scratch`` the prompt ids live in a per-thread buffer (encode only)."""
+def _columns(g: GroupRecord, reuse: bool = False) -> _Columns:
+    """The group as columns; with ``reuse`` the prompt ids live in a per-thread scratch buffer (encode only)."""
     steps = [s for e in g.episodes for s in e.steps]
     n = len(steps)
     ep_steps = np.fromiter(map(len, (e.steps for e in g.episodes)), np.int64, len(g.episodes))
@@ -252,7 +255,7 @@ def _columns(g: GroupRecord, scratch: bool = False) -> _Columns:
         done=np.fromiter(map(bool, done), np.bool_, n).view(np.uint8),
         pv=_numbers(pv, "iu", np.int64, "policy_version", ep_steps),
         p_len=np.fromiter(map(len, prompts), np.int64, n), q_len=q_len,
-        p=_flat(prompts, "prompt_ids", "p" if scratch else ""), q=_flat(responses, "response_ids"), lp=_flat(logprobs, "logprobs"),
+        p=_flat(prompts, "prompt_ids", "p" if reuse else ""), q=_flat(responses, "response_ids"), lp=_flat(logprobs, "logprobs"),
     )
 
 
@@ -309,10 +312,10 @@ def _check_group_fields(g: GroupRecord) -> None:
 
 # --------------------------------------------------------------------------- encode
 
-_local = threading.local()  # zstd contexts and scratch buffers are not thread-safe; one set per thread
+_local = threading.local()  # zstd contexts are not thread-safe; one per thread
+_ID_BLOCKS = RecycledBlocks()  # memory of decoded prompt ids, reused once the learner drops them
 _U16_LIMIT = 1 << 16
 _HEAD = struct.Struct("<I")  # byte length of the msgpack head
-_SCRATCH_MAX = 32 << 20  # larger needs are allocated per call instead of kept
 _AT = 8  # payload offset in the encode scratch buffer (aligned); MAGIC and flags go just before it
 
 
@@ -326,23 +329,6 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
     if not hasattr(_local, "d"):
         _local.d = zstandard.ZstdDecompressor()
     return _local.d
-
-
-def _scratch(name: str, nbytes: int) -> np.ndarray:
-    """This thread's reusable uint8 buffer ``name`` of at least ``nbytes`` (issue 3).
-
-    Encoding needs ~3 MB of temporaries per realistic group. Fresh buffers of that
-    size come back from malloc unmapped and are page-faulted in on every call
-    (~800 faults, half or more of the encode time when the machine is busy);
-    reused ones fault once. Only data that never leaves ``encode_group`` lives here.
-    """
-    if nbytes > _SCRATCH_MAX:
-        return np.empty(nbytes, np.uint8)
-    bufs = _local.__dict__.setdefault("scratch", {})
-    buf = bufs.get(name)
-    if buf is None or len(buf) < nbytes:
-        buf = bufs[name] = np.empty(max(nbytes, 1 << 16, 2 * len(buf) if buf is not None else 0), np.uint8)
-    return buf
 
 
 def _token_width(*ids: np.ndarray) -> int:
@@ -370,7 +356,7 @@ def _payload(head: dict[str, Any], columns: list[tuple[np.ndarray, str]]) -> tup
         raise RecordError(f"group {head.get('gid')}: header of {len(packed)} bytes is too large")
     pos = _AT + _align4(_HEAD.size + len(packed))
     end = pos + sum(head["steps"]["cb"])
-    buf = _scratch("wire", end)
+    buf = scratch("wire", end)
     _HEAD.pack_into(buf, _AT, len(packed))
     buf[_AT + _HEAD.size:_AT + _HEAD.size + len(packed)] = np.frombuffer(packed, np.uint8)
     buf[_AT + _HEAD.size + len(packed):pos] = 0
@@ -383,7 +369,7 @@ def _payload(head: dict[str, Any], columns: list[tuple[np.ndarray, str]]) -> tup
 def encode_group(g: GroupRecord, compress_min_bytes: int = 4096) -> bytes:
     """Validate and serialize; raises RecordError rather than write a record the learner would reject."""
     _check_group_fields(g)
-    c = _columns(g, scratch=True)
+    c = _columns(g, reuse=True)
     _check_columns(c)
     tw = _token_width(c.p, c.q)
     tok = "<u2" if tw == 2 else "<i4"
@@ -449,10 +435,42 @@ def _array(buf: bytes | memoryview, dtype: str, n: int | None, where: str, out: 
     return arr.astype(out or dtype[1:], copy=True)
 
 
+def _ids(buf: memoryview, dtype: str, where: str) -> np.ndarray:
+    """Token ids as writable int32 in a recycled block (see ``services.wire_memory``)."""
+    size = np.dtype(dtype).itemsize
+    if len(buf) % size:
+        raise RecordError(f"{where}: byte length {len(buf)} is not a multiple of {size}")
+    wire = np.frombuffer(buf, dtype=dtype)
+    out = _ID_BLOCKS.take(4 * len(wire)).view(np.int32)
+    np.copyto(out, wire, casting="safe")
+    return out
+
+
 def _finite(x: float, where: str) -> float:
     if not math.isfinite(x):
         raise RecordError(f"{where}: not finite ({x})")
     return float(x)
+
+
+def _decompress(payload: memoryview, size: int, max_bytes: int) -> memoryview:
+    """The decompressed payload; with a stated size, into this thread's scratch buffer (it never
+    leaves decode_group: the columns are copied out and the head is parsed into new objects)."""
+    try:
+        if size < 0:  # no content size in the frame header (not written by encode_group)
+            return memoryview(_zstd_d().decompress(payload, max_output_size=max_bytes))
+        out = memoryview(scratch("decode", size + 1))[:size + 1]
+        reader = _zstd_d().stream_reader(payload, read_size=len(payload))
+        n = 0
+        while n <= size:  # one byte of room past the stated size detects a frame that lies about it
+            got = reader.readinto(out[n:])
+            if not got:
+                break
+            n += got
+    except zstandard.ZstdError as exc:
+        raise RecordError(f"corrupt or over-limit compressed record: {exc}") from exc
+    if n != size:
+        raise RecordError(f"corrupt compressed record: {n} bytes decompressed, the frame states {size}")
+    return out[:size]
 
 
 def _unpack(data: bytes, max_bytes: int) -> tuple[dict[str, Any], list[memoryview]]:
@@ -464,7 +482,7 @@ def _unpack(data: bytes, max_bytes: int) -> tuple[dict[str, Any], list[memoryvie
         raise RecordError(f"record of {len(data)} bytes exceeds the limit of {max_bytes}")
     if len(data) < 5 or data[:4] != MAGIC:
         raise RecordError("not a ProxMO group record (bad magic)")
-    flags, payload = data[4], data[5:]
+    flags, payload = data[4], memoryview(data)[5:]
     if flags & ~_FLAG_ZSTD:
         raise RecordError(f"unknown flags {flags:#x}")
     if flags & _FLAG_ZSTD:
@@ -476,11 +494,7 @@ def _unpack(data: bytes, max_bytes: int) -> tuple[dict[str, Any], list[memoryvie
             raise RecordError(f"corrupt compressed record: {exc}") from exc
         if size > max_bytes:
             raise RecordError(f"compressed record expands to {size} bytes, over the limit of {max_bytes}")
-        try:
-            payload = _zstd_d().decompress(payload, max_output_size=max_bytes)
-        except zstandard.ZstdError as exc:
-            raise RecordError(f"corrupt or over-limit compressed record: {exc}") from exc
-    payload = memoryview(payload)
+        payload = _decompress(payload, size, max_bytes)
     if len(payload) < _HEAD.size:
         raise RecordError(f"truncated or corrupt record: {len(payload)} payload bytes")
     (n_head,) = _HEAD.unpack_from(payload)
@@ -534,7 +548,7 @@ def _decode_columns(body: dict[str, Any], cols: list[memoryview], ep_steps: np.n
         pv=_array(_need(st, "pv", bytes, w), "<i8", n, f"{w}.pv"),
         p_len=_array(_need(st, "pl", bytes, w), "<i8", n, f"{w}.pl"),
         q_len=_array(_need(st, "ql", bytes, w), "<i8", n, f"{w}.ql"),
-        p=_array(cols[0], tok, None, f"{w}.prompt_ids", np.int32),
+        p=_ids(cols[0], tok, f"{w}.prompt_ids"),
         q=_array(cols[1], tok, None, f"{w}.response_ids", np.int32),
         lp=_array(cols[2], "<f4", None, f"{w}.logprobs"),
     )

@@ -425,3 +425,47 @@ def test_numpy_scalars_and_str_subclasses_are_accepted():
     out = decode_group(encode_group(g)).episodes[0].steps[0]
     assert (out.observation, out.reward, out.policy_version, out.valid) == ("room", 2.5, 4, False)
     assert type(out.observation) is str and type(out.reward) is float and type(out.valid) is bool
+
+
+# --------------------------------------------------------------------------- reused memory
+
+
+def test_recycled_blocks_are_reused_only_after_every_view_is_gone():
+    import gc
+
+    from services.wire_memory import RecycledBlocks
+
+    pool = RecycledBlocks(max_bytes=1 << 22, min_block=1 << 10)
+    a = pool.take(4096)
+    a[:] = 7
+    part = a.view(np.int32)[10:20]  # a step's slice keeps the whole block alive
+    addr = a.ctypes.data
+    del a
+    gc.collect()
+    assert pool.free_bytes == 0
+    b = pool.take(4096)
+    assert b.ctypes.data != addr and (part == 0x07070707).all()
+    del part, b
+    gc.collect()
+    assert pool.free_bytes == 2 * 4096
+    c = pool.take(3000)  # a free block of up to twice the size is reused
+    assert len(c) == 3000 and pool.free_bytes == 4096 and c.flags.writeable
+    assert len(pool.take(100)) == 100  # under min_block: a plain allocation
+
+
+def test_decoded_prompts_of_live_groups_never_share_memory():
+    groups = [make_group(episodes=4, steps=20, prompt_tokens=1000, seed=s) for s in range(6)]  # 320 KB of ids: pooled
+    live = []
+    for i, g in enumerate(groups):
+        out = decode_group(encode_group(g))
+        if i % 2:
+            live.append((i, out))  # the others are dropped at once: their memory may be reused
+    for i, out in live:
+        _assert_same(groups[i], out)
+    blocks = [o.episodes[0].steps[0].prompt_ids.base for _, o in live]
+    assert all(type(b.base) is memoryview for b in blocks)  # recycled blocks, not plain arrays
+    assert len({id(b) for b in blocks}) == len(blocks)
+    for _, out in live:
+        out.episodes[0].steps[0].prompt_ids[:] = -1  # a learner editing in place touches only its own group
+    for i, out in live:
+        np.testing.assert_array_equal(out.episodes[1].steps[3].prompt_ids, groups[i].episodes[1].steps[3].prompt_ids)
