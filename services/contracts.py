@@ -21,9 +21,9 @@ realistic group) and packing them needed a join; now the encoder casts the ids
 straight into a reused per-thread buffer and the decoder reads them in place.
 Together with reused memory (``services.wire_memory``) this removed most of the
 ~800 page faults per encode and ~400 per decode that fresh multi-MB buffers
-cost. Schema 3 records
-are refused with an error naming the version (draining them needs the old
-build); decoding them too would keep a second parser for a one-off migration.
+cost. Schema 3 records are refused with an error naming the version (draining
+them needs the old build); decoding them too would keep a second parser for a
+one-off migration.
 
 Schema 3 (kept in 4) departed from schema 2 in two ways,
 each measured on the realistic group (8 episodes x 50 steps x 1k-token
@@ -44,6 +44,10 @@ common prefix of 400 prompts cost ~1.1 ms per group in numpy (one comparison
 per step) and rebuilding them ~0.5 ms, more than the whole zstd pass it was
 meant to save (the compressor already finds those repeats), for a record only
 ~4% smaller (166 KB vs 172 KB: the tails still repeat the recent history).
+Rechecked for schema 4: rebuilding 400 prompts is ~1 us of Python per step
+either way, and prompts rendered by ``build_messages`` share only the system +
+task text (~100 tokens) before the step counter differs, far less than the
+synthetic group's 60%, so a prefix delta would save less on real data.
 
 Encoding gathers the fields of all steps with one ``attrgetter`` pass and
 concatenates the arrays in C; decoding builds each :class:`StepRecord` without
