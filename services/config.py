@@ -168,6 +168,7 @@ class TrainConfig:
     mode: str = "sync"  # sync | async
     max_policy_lag: int = 1  # async: rollouts at most this many versions behind
     iterations: int = 25
+    rl_seconds: float = 0.0  # > 0: start no new iteration after this many seconds of RL (those in flight finish)
     eval_every: int = 0
     eval_episodes: int = 400
     eval_split: str = "test"  # held-out tasks for `proxmo eval` and the before/after numbers
@@ -336,6 +337,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.mode in ("sync", "async"), f"mode must be sync|async, got {cfg.mode!r}")
     check(cfg.max_policy_lag >= 0, "max_policy_lag must be >= 0")
     check(cfg.iterations >= 0, "iterations must be >= 0")
+    check(cfg.rl_seconds >= 0, "rl_seconds must be >= 0 (0: no time budget)")
     check(cfg.env.max_steps >= 1, "env.max_steps must be >= 1")
     check(cfg.env.history >= 0, "env.history must be >= 0")
     r = cfg.rollout

@@ -18,6 +18,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -344,11 +345,18 @@ class TrainingRun:
         lag = c.max_policy_lag if c.mode == "async" else 0
         rollouts: deque[tuple[int, cf.Future]] = deque()
         next_it = start_it
+        end, t_rl = c.iterations, time.perf_counter()
         with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") as ex:
             bar = _progress(c.iterations, start_it)
             for it in range(start_it, c.iterations):
+                if c.rl_seconds and end == c.iterations and time.perf_counter() - t_rl > c.rl_seconds:
+                    end = next_it  # the time budget is spent: no new rollouts, learn from those in flight
+                    log.warning("rl_seconds=%s spent after %d iterations; finishing the %d in flight, then stopping",
+                                c.rl_seconds, it, end - it)
+                if it >= end:
+                    break
                 t0 = time.perf_counter()
-                while next_it < c.iterations and next_it <= it + lag:  # rollout stage (ahead by lag)
+                while next_it < end and next_it <= it + lag:  # rollout stage (ahead by lag)
                     rollouts.append((next_it, ex.submit(self.pool.run, self.assignments(next_it))))
                     next_it += 1
                 ro_it, fut = rollouts.popleft()
@@ -365,13 +373,13 @@ class TrainingRun:
                 self.autoscale(m)
                 _advance(bar, m)
             _close(bar)
-        self._with_learner(c.iterations, lambda: self.learner.finish.remote(), advance=False)
+        self._with_learner(end, lambda: self.learner.finish.remote(), advance=False)
         ev = self.evaluate()
-        self.metrics.log(c.iterations, ev)
-        state.update(success_after=ev["eval/success_rate"])
+        self.metrics.log(end, ev)
+        state.update(success_after=ev["eval/success_rate"], iterations=end)
         state_file.write_text(json.dumps(state))
         return {"success_before": state["success_before"], "success_after": state["success_after"],
-                "eval_episodes": int(ev["eval/episodes"])}
+                "eval_episodes": int(ev["eval/episodes"]), "iterations": end}
 
     def close(self) -> None:
         png = self.metrics.close() if self.metrics else None
@@ -461,6 +469,10 @@ def train_main(argv: list[str]) -> int:
     finally:
         run.close()
     print(f"run={run.out} checkpoint={run.out / 'checkpoints' / 'latest'} curve={run.out / 'learning_curve.png'}")
+    b, a, n = result["success_before"], result["success_after"], max(result["eval_episodes"], 1)
+    se = math.sqrt((b * (1 - b) + a * (1 - a)) / n)  # standard error of the difference of two proportions
+    print(f"iterations={result.get('iterations', cfg.iterations)} improvement={a - b:+.4f} "
+          f"standard_error={se:.4f} ({(a - b) / se if se else float('nan'):+.1f} standard errors)")
     print(f"success_before={result['success_before']:.4f} success_after={result['success_after']:.4f} "
           f"eval_episodes={result['eval_episodes']}")
     return 0

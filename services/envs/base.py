@@ -195,6 +195,10 @@ class JvmEnvMixin:
             self._sim.close()
         except Exception as exc:  # noqa: BLE001 - the JVM may already be gone
             log.debug("closing %s: %s", self._sim_label, exc)
+        try:  # the simulator's __del__ closes again and prints a BrokenPipeError to stderr at exit
+            self._sim.close = lambda *a, **k: None
+        except AttributeError:
+            pass
 
 
 def sample_from(pool: list[Any], n: int, seed: int) -> list[Any]:

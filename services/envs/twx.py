@@ -1,5 +1,12 @@
 """TextWorldExpress adapter (all eight game families, train/dev/test folds).
 
+Splits: ``train``, ``dev`` (alias ``valid``) and ``test`` are the simulator's
+folds, minus one thing: every fifth seed of the train fold (20%) is held out as
+the ``heldout`` split and never sampled as ``train``. The dev and test folds of
+some families use objects the train fold never shows (``twc`` is about where
+objects belong, so a small model cannot know unseen ones); ``heldout`` measures
+generalisation to unseen *games* of the same family, as the quick start needs.
+
 The game family is ``cfg.game`` and its generation parameters ``cfg.game_params``
 (e.g. ``numLocations=1,numItemsToPutAway=2,includeDoors=0``). A task is a
 (fold, seed) pair of that game; TextWorldExpress generates the same world for
@@ -20,7 +27,8 @@ from services.envs.base import JvmEnvMixin, Task, TaskError, TextEnv, sample_fro
 log = logging.getLogger(__name__)
 
 GAMES = ("cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
-_SPLITS = {"train": "train", "dev": "dev", "valid": "dev", "test": "test"}
+_SPLITS = {"train": "train", "heldout": "train", "dev": "dev", "valid": "dev", "test": "test"}
+HELDOUT_EVERY = 5  # seeds at positions 4, 9, 14, ... of the sorted train fold form the heldout split
 
 
 class TextWorldExpressEnv(JvmEnvMixin, TextEnv):
@@ -62,9 +70,18 @@ class TextWorldExpressEnv(JvmEnvMixin, TextEnv):
             self._seeds[fold] = sorted(int(s) for s in getter())
         return self._seeds[fold]
 
+    def split_seeds(self, split: str) -> list[int]:
+        """The simulator seeds a split draws from (``train`` and ``heldout`` are disjoint)."""
+        fold = self._fold(split)
+        seeds = self._fold_seeds(fold)
+        if fold != "train":
+            return seeds
+        held = split == "heldout"
+        return [s for i, s in enumerate(seeds) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
+
     def sample_tasks(self, split: str, n: int, seed: int) -> list[Task]:
         fold = self._fold(split)
-        seeds = sample_from(self._fold_seeds(fold), n, seed)
+        seeds = sample_from(self.split_seeds(split), n, seed)
         return [Task(self.name, f"{self.cfg.game}/{fold}/{s}", int(s), fold, self.cfg.game) for s in seeds]
 
     def _reset(self, task: Task) -> tuple[str, dict[str, Any]]:

@@ -84,6 +84,17 @@ def test_twx_twc_expert_determinism_and_folds(twc_env):
         twc_env.sample_tasks("nope", 1, 0)
 
 
+def test_twx_heldout_split_is_disjoint_from_train(twc_env):
+    train, held = set(twc_env.split_seeds("train")), set(twc_env.split_seeds("heldout"))
+    fold = set(twc_env.split_seeds("dev")) | set(twc_env.split_seeds("test"))
+    assert train and held and train.isdisjoint(held) and fold.isdisjoint(train | held)
+    assert len(held) * 4 == len(train)  # one seed in five
+    tasks = twc_env.sample_tasks("heldout", 30, seed=2)
+    assert {t.seed for t in tasks} <= held and {t.seed for t in twc_env.sample_tasks("train", 300, 2)} <= train
+    _, r, _ = play_expert(twc_env, tasks[0])  # the train fold's simulator plays a heldout task
+    assert_won(r)
+
+
 def test_twx_every_game_family(twc_env):
     from services.envs.twx import GAMES, TextWorldExpressEnv
 

@@ -97,6 +97,17 @@ def test_async_mode_overlaps_within_the_lag_bound(loop_env):
     assert max(r["staleness/max"] for r in train_rows) <= 1
 
 
+def test_time_budget_stops_after_the_rollouts_in_flight(loop_env):
+    # rl_seconds is spent after iteration 0; async lag 1 has already dispatched iteration 1's rollouts,
+    # so the run learns from them too and stops at 2 of 5 iterations, every produced group acked.
+    tmp_path, redis_url, app = loop_env
+    cfg = _cfg(tmp_path, redis_url, app.model_dir, mode="async", max_policy_lag=1, iterations=5, rl_seconds=1e-6)
+    run, result, stats, rows = _run(cfg, app)
+    assert result["iterations"] == 2
+    _assert_counts(stats, expected_groups=2 * 2)
+    assert json.loads((run.out / "checkpoints" / "latest" / "trainer_meta.json").read_text())["iteration"] == 2
+
+
 def test_scale_workers_up_and_down_mid_run(loop_env):
     import ray
 
