@@ -130,6 +130,7 @@ class LearnerConfig:
     groups_per_batch: int = 8
     micro_batch_size: int = 16  # rows per forward/backward
     ppo_epochs: int = 1
+    ppo_mini_batches: int = 1  # optimizer steps per epoch, each on a random 1/n of the batch's rows
     warmup_steps: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_cpus: float = 0.5
@@ -363,6 +364,7 @@ def validate(cfg: TrainConfig) -> None:
     lr = cfg.learner
     check(lr.lr > 0, "learner.lr must be > 0")
     check(lr.groups_per_batch >= 1 and lr.micro_batch_size >= 1, "learner.groups_per_batch and micro_batch_size must be >= 1")
+    check(lr.ppo_mini_batches >= 1, f"learner.ppo_mini_batches must be >= 1, got {lr.ppo_mini_batches}")
     check(lr.device in ("auto", "cpu", "cuda"), f"learner.device must be auto|cpu|cuda, got {lr.device!r}")
     check(cfg.sampling.max_tokens >= 1, "sampling.max_tokens must be >= 1")
     check(cfg.model.max_model_len >= cfg.sampling.max_tokens + 16, "model.max_model_len too small for sampling.max_tokens")

@@ -189,33 +189,45 @@ class Learner:
         return rows, compute_advantages(rows.inputs, self.algorithm)
 
     def update(self, groups: list[GroupRecord]) -> dict[str, float]:
-        """One optimizer step (per PPO epoch) on ``groups``. Returns metrics."""
+        """``ppo_epochs`` x ``ppo_mini_batches`` optimizer steps on ``groups``. Returns metrics.
+
+        Each epoch splits the trainable rows at random (seeded by the step count, so a
+        resumed run splits the same way) into ``ppo_mini_batches`` mini-batches, one
+        optimizer step each, as PPO does; after the first step the policy is off the
+        sampler's, which the clipped ratio accounts for.
+        """
         t0 = time.perf_counter()
         rows, adv = self.advantages(groups)
         t_adv = time.perf_counter() - t0
-        idx = np.flatnonzero(rows.trainable)
-        # Micro-batches of similar lengths pad less; the token-mean loss does not depend on the split.
-        idx = idx[np.argsort([len(rows.steps[i].prompt_ids) + len(rows.steps[i].response_ids) for i in idx], kind="stable")]
-        metrics: dict[str, float] = {"rows": float(len(rows.steps)), "trainable_rows": float(len(idx))}
-        if len(idx) == 0:
+        trainable = np.flatnonzero(rows.trainable)
+        metrics: dict[str, float] = {"rows": float(len(rows.steps)), "trainable_rows": float(len(trainable))}
+        if len(trainable) == 0:
             log.warning("batch has no trainable rows (all infra failures or empty responses); skipping update")
             return metrics | {"skipped": 1.0}
-        total_tokens = float(sum(len(rows.steps[i].response_ids) for i in idx))
+        length = np.array([len(s.prompt_ids) + len(s.response_ids) for s in rows.steps])
+        n_mini = max(1, min(self.cfg.ppo_mini_batches, len(trainable)))
+        agg: dict[str, float] = {}
         for _ in range(self.cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            agg: dict[str, float] = {}
-            for start in range(0, len(idx), self.cfg.micro_batch_size):
-                mb = idx[start : start + self.cfg.micro_batch_size]
-                out, n_tok = self._micro_step([rows.steps[i] for i in mb], adv.advantages[mb], len(idx), total_tokens)
-                for k, v in out.items():
-                    agg[k] = agg.get(k, 0.0) + v * n_tok / total_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            if not torch.isfinite(grad_norm):
+            order = np.random.default_rng([self.cfg.seed, self.step]).permutation(trainable) if n_mini > 1 else trainable
+            for part in np.array_split(order, n_mini):
+                # Micro-batches of similar lengths pad less; the token-mean loss does not depend on the split.
+                idx = part[np.argsort(length[part], kind="stable")]
+                total_tokens = float(sum(len(rows.steps[i].response_ids) for i in idx))
                 self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {self.step}; update refused")
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
+                agg = {}
+                for start in range(0, len(idx), self.cfg.micro_batch_size):
+                    mb = idx[start : start + self.cfg.micro_batch_size]
+                    out, n_tok = self._micro_step([rows.steps[i] for i in mb], adv.advantages[mb], len(idx), total_tokens)
+                    for k, v in out.items():
+                        agg[k] = agg.get(k, 0.0) + v * n_tok / total_tokens
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(f"non-finite gradient norm {grad_norm} at step {self.step}; update refused")
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+        total_tokens = float(sum(len(rows.steps[i].response_ids) for i in trainable))
         metrics.update({f"loss/{k}": v for k, v in agg.items()})
         metrics.update(_advantage_stats(adv, rows))
         metrics.update({"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
