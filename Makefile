@@ -14,7 +14,7 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 
 ## The main job on embedded defaults: local Ray, embedded redis-server, vLLM CPU, tiny model.
 run: setup
-	$(PROXMO) train --config deploy/configs/quickstart.yaml
+	$(PROXMO) train --config deploy/configs/quickstart.yaml $(ARGS)
 
 ## The default suite: unit + integration (real Redis, real Ray, real vLLM CPU engine). Minutes.
 test: setup
