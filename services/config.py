@@ -169,7 +169,7 @@ class TrainConfig:
     mode: str = "sync"  # sync | async
     max_policy_lag: int = 1  # async: rollouts at most this many versions behind
     iterations: int = 25
-    rl_seconds: float = 0.0  # > 0: start no new iteration after this many seconds of RL (those in flight finish)
+    rl_seconds: float = 0.0  # > 0: start no new iteration after this many seconds of RL (at least one runs; those in flight finish)
     eval_every: int = 0
     eval_episodes: int = 400
     eval_split: str = "test"  # held-out tasks for `proxmo eval` and the before/after numbers

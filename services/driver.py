@@ -349,7 +349,8 @@ class TrainingRun:
         with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") as ex:
             bar = _progress(c.iterations, start_it)
             for it in range(start_it, c.iterations):
-                if c.rl_seconds and end == c.iterations and time.perf_counter() - t_rl > c.rl_seconds:
+                # At least one iteration runs, however small the budget.
+                if c.rl_seconds and it > start_it and end == c.iterations and time.perf_counter() - t_rl > c.rl_seconds:
                     end = next_it  # the time budget is spent: no new rollouts, learn from those in flight
                     log.warning("rl_seconds=%s spent after %d iterations; finishing the %d in flight, then stopping",
                                 c.rl_seconds, it, end - it)
