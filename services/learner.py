@@ -204,15 +204,15 @@ class Learner:
         if len(trainable) == 0:
             log.warning("batch has no trainable rows (all infra failures or empty responses); skipping update")
             return metrics | {"skipped": 1.0}
-        length = np.array([len(s.prompt_ids) + len(s.response_ids) for s in rows.steps])
+        resp_len = np.array([len(s.response_ids) for s in rows.steps])
+        length = resp_len + np.array([len(s.prompt_ids) for s in rows.steps])
         n_mini = max(1, min(self.cfg.ppo_mini_batches, len(trainable)))
-        agg: dict[str, float] = {}
         for _ in range(self.cfg.ppo_epochs):
             order = np.random.default_rng([self.cfg.seed, self.step]).permutation(trainable) if n_mini > 1 else trainable
             for part in np.array_split(order, n_mini):
                 # Micro-batches of similar lengths pad less; the token-mean loss does not depend on the split.
                 idx = part[np.argsort(length[part], kind="stable")]
-                total_tokens = float(sum(len(rows.steps[i].response_ids) for i in idx))
+                total_tokens = float(resp_len[idx].sum())
                 self.optimizer.zero_grad(set_to_none=True)
                 agg = {}
                 for start in range(0, len(idx), self.cfg.micro_batch_size):
@@ -227,7 +227,7 @@ class Learner:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
-        total_tokens = float(sum(len(rows.steps[i].response_ids) for i in trainable))
+        total_tokens = float(resp_len[trainable].sum())
         metrics.update({f"loss/{k}": v for k, v in agg.items()})
         metrics.update(_advantage_stats(adv, rows))
         metrics.update({"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
