@@ -41,8 +41,15 @@ def _on_gpu(serving_cfg: ServingConfig) -> bool:
     return serving_cfg.num_gpus > 0
 
 
+def cpu_engine_env(serving_cfg: ServingConfig) -> None:
+    """Environment the CPU build reads when its worker process starts (set before the engine spawns it)."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(serving_cfg.kv_cache_gib)
+    # Bounded cache of compiled GEMM primitives: one per input shape, and rollouts produce many.
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(serving_cfg.onednn_cache_capacity)
+
+
 def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig) -> Any:
-    """AsyncEngineArgs for this model and serving config (sets the CPU KV-cache env var)."""
+    """AsyncEngineArgs for this model and serving config (on CPU also sets the engine env, see cpu_engine_env)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     extra: dict[str, Any] = {}
@@ -53,7 +60,7 @@ def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig) -> Any:
         if serving_cfg.tensor_parallel_size > 1:
             extra["distributed_executor_backend"] = "ray"  # workers in the replica's placement group
     else:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(serving_cfg.kv_cache_gib)
+        cpu_engine_env(serving_cfg)
     return AsyncEngineArgs(
         **extra,
         model=model_cfg.path,

@@ -14,31 +14,44 @@ import torch
 from services.buffer import TrajectoryBuffer
 from services.config import EnvConfig, RolloutConfig, SamplingConfig
 from services.rollout import Assignment, RolloutWorker
+from services.serving.client import sampling_dict
 from tests.faults.common import report_counts
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
+MAX_MODEL_LEN = 512  # tests/fixtures/serving_fixtures.py
+
 
 class _Watched:
-    """The real client, with a flag telling the test when a request is in flight."""
+    """The real client, counting answers and failed calls.
+
+    Once armed, the next call asks for a long fixed-length answer, so the kill lands while the
+    replica is still generating it (a normal 8-token answer can finish before ``ray.kill`` does).
+    """
 
     def __init__(self, client):
         self._client = client
-        self.in_flight = threading.Event()
         self.failures: list[str] = []
         self.answered = 0
+        self._armed = False
+        self.long_in_flight = threading.Event()
 
-    def generate(self, *args, **kwargs):
-        self.in_flight.set()
+    def arm(self) -> None:
+        self._armed = True
+
+    def generate(self, prompts, sampling, **kwargs):
+        if self._armed:
+            self._armed = False
+            room = MAX_MODEL_LEN - max(len(p) for p in prompts) - 1
+            sampling = {**sampling_dict(sampling), "max_tokens": max(16, min(256, room)), "ignore_eos": True}
+            self.long_in_flight.set()
         try:
-            out = self._client.generate(*args, **kwargs)
+            out = self._client.generate(prompts, sampling, **kwargs)
             self.answered += 1
             return out
         except Exception as exc:
             self.failures.append(type(exc).__name__)
             raise
-        finally:
-            self.in_flight.clear()
 
 
 def _replica_actor(app_name: str, replica_id: str):
@@ -84,8 +97,10 @@ def test_killed_replica_is_replaced_and_serves_current_weights(policy_app, redis
         while watched.answered < 2 and time.monotonic() < deadline:  # a few turns on the old replica
             time.sleep(0.01)
         assert watched.answered >= 2, "the worker never got answers from the policy"
-        while not watched.in_flight.is_set():  # then kill while the next request is in flight
+        watched.arm()
+        while not watched.long_in_flight.is_set():  # then kill while the next (long) request is in flight
             time.sleep(0.002)
+        time.sleep(0.1)  # it has reached the replica
         for rid in old:
             ray.kill(_replica_actor(app_name, rid), no_restart=True)
         t_kill = time.monotonic()

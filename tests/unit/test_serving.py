@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 
 import numpy as np
@@ -237,3 +238,22 @@ def test_client_helpers():
         http.publish_weights({"x": torch.ones(1)}, 1)
     with pytest.raises(TypeError):
         http.generate([1, 2], {})
+
+
+# ---------------------------------------------------------------- engine environment
+
+
+def test_cpu_engine_env_bounds_the_onednn_primitive_cache(monkeypatch):
+    """The CPU worker inherits these at spawn; an unbounded (1024) primitive cache grew it ~0.5 GB in a soak."""
+    from services.config import ConfigError, ServingConfig, TrainConfig, validate
+    from services.serving.engine import cpu_engine_env
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cpu_engine_env(ServingConfig(kv_cache_gib=2, onednn_cache_capacity=16))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    cfg = TrainConfig()
+    cfg.serving.onednn_cache_capacity = -1
+    with pytest.raises(ConfigError, match="onednn_cache_capacity"):
+        validate(cfg)
