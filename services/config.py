@@ -177,6 +177,9 @@ class TrainConfig:
     eval_episodes: int = 400
     eval_split: str = "test"  # held-out tasks for `proxmo eval` and the before/after numbers
     eval_greedy: bool = False  # False: sample at sampling.temperature (the policy RL trains)
+    # Evaluation episode i samples with seeds derived from (seed, i, turn): before/after evaluations share
+    # their random numbers, and the improvement's standard error comes from the paired differences.
+    eval_seeded: bool = True
     checkpoint_every: int = 5
     resume: bool = False
     seed: int = 0

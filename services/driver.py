@@ -27,6 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from services.config import ConfigError, TrainConfig, load_config
 from services.rollout import Assignment, GroupSummary, RolloutWorker
 
@@ -99,6 +101,26 @@ def summarize(summaries: list[GroupSummary], prefix: str = "rollout") -> dict[st
     return out
 
 
+def eval_outcomes(episodes) -> list[int | None]:
+    """Per evaluation episode, in task order: 1 won, 0 not won, None infrastructure failure."""
+    return [None if e.infra_failure else int(bool(e.won)) for e in episodes]
+
+
+def paired_difference(before: list[int | None], after: list[int | None]) -> dict[str, float]:
+    """Mean and standard error of after - before over the episodes valid in both evaluations.
+
+    The two evaluations play the same tasks with the same sampling seeds, so their outcomes
+    are correlated and the paired standard error, std(d) / sqrt(n), is the honest (and
+    usually smaller) noise of the improvement.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_difference: {len(before)} vs {len(after)} outcomes")
+    d = np.array([a - b for b, a in zip(before, after) if a is not None and b is not None], dtype=np.float64)
+    n = len(d)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"pairs": float(n), "improvement": float(d.mean()) if n else float("nan"), "standard_error": se}
+
+
 def eval_summary(episodes) -> dict[str, float]:
     valid = [e for e in episodes if not e.infra_failure]
     out = {"eval/success_rate": sum(e.won for e in valid) / max(len(valid), 1), "eval/episodes": float(len(valid)),
@@ -127,6 +149,7 @@ class TrainingRun:
         self.learner_done = 0  # iterations the live learner actor has completed (its checkpoint + since)
         self.learner_restarts = 0
         self._initial_version: int | None = None
+        self.last_outcomes: list[int | None] = []  # of the latest evaluation, in task order
 
     # ------------------------------------------------------------------ start-up
 
@@ -237,9 +260,14 @@ class TrainingRun:
         return [Assignment(t, group_id=f"{c.run_name}/it{iteration}/g{j}") for j, t in enumerate(tasks)]
 
     def evaluate(self, n: int | None = None) -> dict[str, float]:
+        """Evaluate on ``eval_split``; the same tasks (and seeds) every time. Outcomes: ``self.last_outcomes``."""
         c = self.cfg
-        tasks = self._task_env.sample_tasks(c.eval_split, n or c.eval_episodes, seed=c.seed + 7)
-        return eval_summary(self.pool.evaluate(tasks, greedy=c.eval_greedy))
+        n = n or c.eval_episodes
+        tasks = self._task_env.sample_tasks(c.eval_split, n, seed=c.seed + 7)
+        seeds = ([int(x) for x in np.random.SeedSequence([abs(c.seed), 7]).generate_state(n)] if c.eval_seeded else None)
+        episodes = self.pool.evaluate(tasks, greedy=c.eval_greedy, sample_seeds=seeds)
+        self.last_outcomes = eval_outcomes(episodes)
+        return eval_summary(episodes)
 
     def learn(self, iteration: int | None = None) -> dict[str, float]:
         """One learner iteration; with ``iteration``, survive the learner actor's death.
@@ -339,7 +367,8 @@ class TrainingRun:
             self._initial_version = int(synced)  # a learner lost before its first checkpoint restarts here
         if "success_before" not in state:
             ev = self.evaluate()
-            state.update(success_before=ev["eval/success_rate"], eval_episodes=int(ev["eval/episodes"]))
+            state.update(success_before=ev["eval/success_rate"], eval_episodes=int(ev["eval/episodes"]),
+                         outcomes_before=self.last_outcomes)
             self.metrics.log(start_it, ev)
             state_file.write_text(json.dumps(state))
         lag = c.max_policy_lag if c.mode == "async" else 0
@@ -377,10 +406,14 @@ class TrainingRun:
         self._with_learner(end, lambda: self.learner.finish.remote(), advance=False)
         ev = self.evaluate()
         self.metrics.log(end, ev)
-        state.update(success_after=ev["eval/success_rate"], iterations=end)
+        state.update(success_after=ev["eval/success_rate"], iterations=end, outcomes_after=self.last_outcomes)
+        before = state.get("outcomes_before")
+        if c.eval_seeded and before is not None and len(before) == len(self.last_outcomes):
+            state["paired"] = paired_difference(before, self.last_outcomes)
+            self.metrics.log(end, {f"eval/paired_{k}": v for k, v in state["paired"].items()})
         state_file.write_text(json.dumps(state))
         return {"success_before": state["success_before"], "success_after": state["success_after"],
-                "eval_episodes": int(ev["eval/episodes"]), "iterations": end}
+                "eval_episodes": int(ev["eval/episodes"]), "iterations": end, "paired": state.get("paired")}
 
     def close(self) -> None:
         png = self.metrics.close() if self.metrics else None
@@ -471,9 +504,13 @@ def train_main(argv: list[str]) -> int:
         run.close()
     print(f"run={run.out} checkpoint={run.out / 'checkpoints' / 'latest'} curve={run.out / 'learning_curve.png'}")
     b, a, n = result["success_before"], result["success_after"], max(result["eval_episodes"], 1)
-    se = math.sqrt((b * (1 - b) + a * (1 - a)) / n)  # standard error of the difference of two proportions
-    print(f"iterations={result.get('iterations', cfg.iterations)} improvement={a - b:+.4f} "
-          f"standard_error={se:.4f} ({(a - b) / se if se else float('nan'):+.1f} standard errors)")
+    paired = result.get("paired")
+    if paired and paired["pairs"] > 1:  # same tasks, same sampling seeds: the paired standard error
+        diff, se, how = paired["improvement"], paired["standard_error"], f"paired over {int(paired['pairs'])} episodes"
+    else:  # standard error of the difference of two independent proportions
+        diff, se, how = a - b, math.sqrt((b * (1 - b) + a * (1 - a)) / n), "unpaired"
+    print(f"iterations={result.get('iterations', cfg.iterations)} improvement={diff:+.4f} "
+          f"standard_error={se:.4f} ({diff / se if se else float('nan'):+.1f} standard errors, {how})")
     print(f"success_before={result['success_before']:.4f} success_after={result['success_after']:.4f} "
           f"eval_episodes={result['eval_episodes']}")
     return 0

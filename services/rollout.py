@@ -37,11 +37,22 @@ POLICY_RETRY_S = 600.0  # a policy call is retried this long: covers a replica r
 
 @dataclass(frozen=True)
 class Assignment:
-    """One task to run as a group; ``group_id`` is fixed by the driver (idempotence key)."""
+    """One task to run as a group; ``group_id`` is fixed by the driver (idempotence key).
+
+    ``sample_seed`` (evaluation): every model call of the episode samples with a seed derived
+    from it, the episode index and the turn, so two evaluations of the same tasks share their
+    random numbers and differ only where the policies differ (common random numbers).
+    """
 
     task: Task
     group_id: str
     attempt: int = 0
+    sample_seed: int | None = None
+
+
+def call_seed(sample_seed: int, episode: int, turn: int) -> int:
+    """The sampling seed of one model call of a seeded episode (31 bits, stable across runs)."""
+    return int(np.random.SeedSequence([sample_seed, episode, turn]).generate_state(1)[0] >> 1)
 
 
 @dataclass
@@ -125,13 +136,18 @@ class RolloutWorker:
         self.stats["busy_seconds"] += time.perf_counter() - t0
         return out
 
-    def episodes(self, tasks: list[Task], *, greedy: bool = True) -> list[EpisodeRecord]:
-        """Evaluation: one episode per task, nothing pushed."""
+    def episodes(self, tasks: list[Task], *, greedy: bool = True,
+                 sample_seeds: list[int] | None = None) -> list[EpisodeRecord]:
+        """Evaluation: one episode per task, nothing pushed; ``sample_seeds``: one per task (see Assignment)."""
+        if sample_seeds is not None and len(sample_seeds) != len(tasks):
+            raise ValueError(f"{len(sample_seeds)} sample_seeds for {len(tasks)} tasks")
         n = max(self.cfg.envs_per_worker, 1)
         records: list[EpisodeRecord] = []
         for start in range(0, len(tasks), n):
             chunk = tasks[start : start + n]
-            eps = [_Episode(self._env(i), Assignment(t, group_id=f"eval-{t.task_id}"), 0) for i, t in enumerate(chunk)]
+            seeds = sample_seeds[start : start + n] if sample_seeds is not None else [None] * len(chunk)
+            eps = [_Episode(self._env(i), Assignment(t, group_id=f"eval-{t.task_id}", sample_seed=sd), 0)
+                   for i, (t, sd) in enumerate(zip(chunk, seeds))]
             self._play(eps, greedy)
             records.extend(self._record(e) for e in eps)
         return records
@@ -163,12 +179,16 @@ class RolloutWorker:
                 continue
             t0 = time.perf_counter()
             sampling = replace(self.sampling, temperature=self.sampling.eval_temperature) if greedy else self.sampling
-            gens = self._generate(prompts, sampling, [f"{e.assignment.group_id}/{e.index}" for e in live])
+            seeds = [None if e.assignment.sample_seed is None else call_seed(e.assignment.sample_seed, e.index, len(e.steps))
+                     for e in live]
+            gens = self._generate(prompts, sampling, [f"{e.assignment.group_id}/{e.index}" for e in live],
+                                  seeds if any(sd is not None for sd in seeds) else None)
             self.stats["policy_seconds"] += time.perf_counter() - t0
             for ep, ids, gen in zip(live, prompts, gens):
                 self._act(ep, ids, gen)
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, session_ids: list[str]) -> list:
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, session_ids: list[str],
+                  seeds: list[int | None] | None = None) -> list:
         """Ask the policy; a dead or unreachable replica is retried until Serve has replaced it.
 
         A lost request produced nothing the episode used, so asking again (maybe of another
@@ -181,7 +201,9 @@ class RolloutWorker:
         delay = 0.5
         while True:
             try:
-                return self.policy.generate(prompts, sampling, session_ids=session_ids)
+                if seeds is None:
+                    return self.policy.generate(prompts, sampling, session_ids=session_ids)
+                return self.policy.generate(prompts, sampling, session_ids=session_ids, seeds=seeds)
             except (RayError, TimeoutError, ConnectionError, OSError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise

@@ -142,15 +142,20 @@ class WorkerPool:
             handles = list(self.workers.values())
         return ray.get([getattr(h, method).remote(*args, **kwargs) for h in handles])
 
-    def evaluate(self, tasks: list, *, greedy: bool) -> list:
-        """One episode per task, spread over the workers; nothing is pushed."""
+    def evaluate(self, tasks: list, *, greedy: bool, sample_seeds: list[int] | None = None) -> list:
+        """One episode per task, spread over the workers, returned in the order of ``tasks``; nothing pushed."""
         import ray
 
         with self._lock:
             handles = list(self.workers.values())
-        chunks = [tasks[i :: len(handles)] for i in range(len(handles))]
-        results = ray.get([h.episodes.remote(c, greedy=greedy) for h, c in zip(handles, chunks) if c])
-        return [ep for r in results for ep in r]
+        k = len(handles)
+        calls = [h.episodes.remote(tasks[i::k], greedy=greedy,
+                                   sample_seeds=None if sample_seeds is None else sample_seeds[i::k])
+                 for i, h in enumerate(handles) if tasks[i::k]]
+        out: list = [None] * len(tasks)
+        for i, eps in enumerate(ray.get(calls)):
+            out[i::k] = eps
+        return out
 
     def shutdown(self) -> None:
         import ray

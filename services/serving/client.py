@@ -48,11 +48,24 @@ def sampling_dict(sampling: SamplingConfig | dict[str, Any], *, greedy: bool = F
     return {"temperature": temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
 
 
-def _check_prompts(prompt_ids: list[list[int]], session_ids: list[str] | None) -> None:
+def _check_prompts(prompt_ids: list[list[int]], session_ids: list[str] | None,
+                   seeds: list[int | None] | None = None) -> None:
     if not isinstance(prompt_ids, list) or not all(isinstance(p, list) for p in prompt_ids):
         raise TypeError("prompt_ids must be a list of token-id lists")
     if session_ids is not None and len(session_ids) != len(prompt_ids):
         raise ValueError(f"{len(session_ids)} session_ids for {len(prompt_ids)} prompts")
+    if seeds is not None:
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+        if not all(s is None or (isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63) for s in seeds):
+            raise ValueError("seeds must be None or ints in [0, 2**63)")
+
+
+def _per_prompt(params: dict[str, Any], seeds: list[int | None] | None, n: int) -> list[dict[str, Any]]:
+    """Sampling parameters of each prompt: ``params`` plus its own ``seed`` where one is given."""
+    if seeds is None:
+        return [params] * n
+    return [params if s is None else {**params, "seed": int(s)} for s in seeds]
 
 
 class PolicyClient:
@@ -83,23 +96,27 @@ class PolicyClient:
     # ------------------------------------------------------------------ generation
 
     async def agenerate(self, prompt_ids: list[list[int]], sampling: SamplingConfig | dict[str, Any], *,
-                        min_version: int | None = None, session_ids: list[str] | None = None) -> list[Generation]:
-        _check_prompts(prompt_ids, session_ids)
+                        min_version: int | None = None, session_ids: list[str] | None = None,
+                        seeds: list[int | None] | None = None) -> list[Generation]:
+        """Sample one continuation per prompt. ``seeds``: a sampling seed per prompt (None: unseeded);
+        the same seed, prompt and weights give the same tokens (paired evaluation relies on it)."""
+        _check_prompts(prompt_ids, session_ids, seeds)
         params = sampling_dict(sampling)
+        per = _per_prompt(params, seeds, len(prompt_ids))
         sids = session_ids or [None] * len(prompt_ids)
         if self.mode == "http":
-            return await self._http_generate(prompt_ids, params, min_version, sids)
+            return await self._http_generate(prompt_ids, per, min_version, sids)
         if self.mode == "local":
-            coros = [self.target.generate(p, params, session_id=s, min_version=min_version)
-                     for p, s in zip(prompt_ids, sids)]
+            coros = [self.target.generate(p, prm, session_id=s, min_version=min_version)
+                     for p, prm, s in zip(prompt_ids, per, sids)]
             return [Generation.from_result(r) for r in await asyncio.gather(*coros)]
-        if session_ids is None:  # no affinity wanted: one call per replica-sized chunk
+        if session_ids is None and seeds is None:  # no affinity wanted: one call per replica-sized chunk
             chunks = self._chunks(prompt_ids)
             calls = [self.target.generate_batch.remote(c, params, min_version=min_version) for c in chunks]
             parts = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.request_timeout_s)
             return [Generation.from_result(r) for part in parts for r in part]
-        calls = [self.target.generate.remote(p, params, session_id=s, min_version=min_version)
-                 for p, s in zip(prompt_ids, sids)]
+        calls = [self.target.generate.remote(p, prm, session_id=s, min_version=min_version)
+                 for p, prm, s in zip(prompt_ids, per, sids)]
         results = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.request_timeout_s)
         return [Generation.from_result(r) for r in results]
 
@@ -118,26 +135,29 @@ class PolicyClient:
         return [prompt_ids[i: i + size] for i in range(0, len(prompt_ids), size)]
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig | dict[str, Any], *,
-                 min_version: int | None = None, session_ids: list[str] | None = None) -> list[Generation]:
+                 min_version: int | None = None, session_ids: list[str] | None = None,
+                 seeds: list[int | None] | None = None) -> list[Generation]:
         """Blocking version of :meth:`agenerate` (not for use inside a running event loop)."""
-        _check_prompts(prompt_ids, session_ids)
+        _check_prompts(prompt_ids, session_ids, seeds)
         if self.mode != "handle":
             return asyncio.run(self.agenerate(prompt_ids, sampling, min_version=min_version,
-                                              session_ids=session_ids))
+                                              session_ids=session_ids, seeds=seeds))
         params = sampling_dict(sampling)
-        if session_ids is None:
+        if session_ids is None and seeds is None:
             calls = [self.target.generate_batch.remote(c, params, min_version=min_version)
                      for c in self._chunks(prompt_ids)]
             return [Generation.from_result(r) for c in calls for r in c.result(timeout_s=self.request_timeout_s)]
-        calls = [self.target.generate.remote(p, params, session_id=s, min_version=min_version)
-                 for p, s in zip(prompt_ids, session_ids)]
+        sids = session_ids or [None] * len(prompt_ids)
+        calls = [self.target.generate.remote(p, prm, session_id=s, min_version=min_version)
+                 for p, prm, s in zip(prompt_ids, _per_prompt(params, seeds, len(prompt_ids)), sids)]
         return [Generation.from_result(c.result(timeout_s=self.request_timeout_s)) for c in calls]
 
-    async def _http_generate(self, prompt_ids: list[list[int]], params: dict[str, Any],
+    async def _http_generate(self, prompt_ids: list[list[int]], per: list[dict[str, Any]],
                              min_version: int | None, sids: list[str | None]) -> list[Generation]:
         import httpx
 
-        async def one(client: httpx.AsyncClient, prompt: list[int], sid: str | None) -> Generation:
+        async def one(client: httpx.AsyncClient, prompt: list[int], params: dict[str, Any],
+                      sid: str | None) -> Generation:
             body = {"model": self.app_name, "prompt": prompt, "logprobs": 0, **params}
             if min_version is not None:
                 body["min_policy_version"] = min_version
@@ -151,7 +171,7 @@ class PolicyClient:
                               bool(choice.get("swap_aborted", False)))
 
         async with httpx.AsyncClient(timeout=self.request_timeout_s) as client:
-            return list(await asyncio.gather(*(one(client, p, s) for p, s in zip(prompt_ids, sids))))
+            return list(await asyncio.gather(*(one(client, p, prm, s) for p, prm, s in zip(prompt_ids, per, sids))))
 
     # ------------------------------------------------------------------ weights
 

@@ -167,3 +167,33 @@ def test_bad_requests_get_clear_errors(policy_app):
         client.generate([[-1, 2]], SAMPLING)
     with pytest.raises(ValueError, match="session_ids"):
         client.generate([[1, 2]], SAMPLING, session_ids=["a", "b"])
+
+
+def test_per_prompt_seeds_repeat_samples_whatever_the_batch(policy_app):
+    """Common random numbers for paired evaluation: a seed fixes the sample, batch-mates do not matter."""
+    from services.config import EnvConfig, RolloutConfig, SamplingConfig
+    from services.rollout import RolloutWorker
+
+    client = policy_app.client
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 12}
+    p, q = [5, 6, 7, 8, 9], [30, 31, 32]
+    a = client.generate([p, q, p], sampling, seeds=[101, 5, 101])
+    b = client.generate([p], sampling, seeds=[101])  # alone, not in a batch of three
+    c = client.generate([p, p], sampling, seeds=[102, None])
+    assert a[0].token_ids == a[2].token_ids == b[0].token_ids
+    assert a[0].logprobs == pytest.approx(b[0].logprobs, abs=1e-4)
+    assert c[0].token_ids != a[0].token_ids  # another seed, another sample (random tiny model: ~1k tokens)
+    with pytest.raises(ValueError, match="seeds"):
+        client.generate([p, q], sampling, seeds=[1])
+
+    # The rollout worker's evaluation: the same sample seeds replay the same episodes.
+    worker = RolloutWorker("w-seeded", EnvConfig(max_steps=3), RolloutConfig(group_size=1, envs_per_worker=2),
+                           SamplingConfig(max_tokens=8), str(policy_app.model_dir), policy=client)
+    try:
+        tasks = worker._env(0).sample_tasks("train", 3, seed=5)
+        runs = [worker.episodes(tasks, greedy=False, sample_seeds=s) for s in ([1, 2, 3], [1, 2, 3], [4, 5, 6])]
+        responses = [[[s.response_ids.tolist() for s in ep.steps] for ep in run] for run in runs]
+        assert responses[0] == responses[1]
+        assert responses[0] != responses[2]
+    finally:
+        worker.close()

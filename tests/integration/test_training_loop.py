@@ -78,6 +78,11 @@ def test_sync_training_commits_checkpoints_and_counts(loop_env, ray_metrics_url)
     evals = [r for r in rows if "eval/episodes" in r]
     assert all(r["eval/episodes"] + r["eval/infra_failures"] == 4 for r in evals), evals
     assert 0.0 <= result["success_after"] <= 1.0
+    # Paired before/after evaluation: same tasks, same sampling seeds, per-episode outcomes kept.
+    state = json.loads((run.out / "run_state.json").read_text())
+    assert len(state["outcomes_before"]) == len(state["outcomes_after"]) == 4
+    valid = sum(b is not None and a is not None for b, a in zip(state["outcomes_before"], state["outcomes_after"]))
+    assert result["paired"]["pairs"] == valid
     # The dashboard's metrics: the custom gauges reach the node's Prometheus endpoint.
     needles = [f'ray_proxmo_{k}{{' for k in ("rollout_success_rate", "policy_version", "adv_mean",
                                             "buffer_depth", "time_weight_sync_s", "learner_idle_ratio")]
