@@ -20,6 +20,19 @@ What is compared, in the same run against the same redis-server:
   pipeline's rate when each side has a core; ``one core`` = both phases back
   to back, the rate when everything shares one core.
 
+What is not timed, and why: the producer's groups (one synthetic template,
+copied per group id with ``dataclasses.replace``, sharing its StepRecords) are
+built before the start signal, because the rollout worker builds those records
+anyway; the timed push is what the buffer adds (validation, gathering the
+steps into columns, encoding, XADD). This was already so before issue 3's
+columnar work. Decoding is lazy since then: ``decode_group`` validates the
+columns and builds no StepRecord until ``episode.steps`` is read, so the
+learner here (read + decode + validation + ack, no training) no longer pays
+for the ~0.6 ms of objects per realistic group that the old decoder built;
+the training learner builds them when it flattens its batch.
+``--build-steps`` makes this learner read every ``episode.steps`` as well,
+to measure the old eager cost.
+
 Also reported: CPU milliseconds per group of each process (producers,
 learner, redis-server from /proc when the server is the embedded one), which
 load on the machine disturbs far less than wall time, and ``cpu ratio`` = raw
@@ -59,8 +72,8 @@ def _producer(mode: str, url: str, stream: str, spec: dict[str, int], count: int
     """One producer process: build its template group, wait at the barrier, then push or XADD."""
     from services.buffer import TrajectoryBuffer, connect_redis
     from services.buffer.synthetic import make_group
+    from services.codec import encode_group
     from services.config import BufferConfig
-    from services.contracts import encode_group
 
     template = make_group(**spec, seed=seed)
     if mode == "raw":
@@ -94,14 +107,19 @@ def _server_cpu(pid: int | None) -> float:
         return float("nan")
 
 
-def _drain(learner: Any, want: int) -> int:
-    """Read and ack until ``want`` groups went through (the learner's side of the bench)."""
+def _drain(learner: Any, want: int, build_steps: bool = False) -> int:
+    """Read and ack until ``want`` groups went through (the learner's side of the bench); with
+    ``build_steps`` every episode's StepRecords are built too (see the module docstring)."""
     acked = 0
     deadline = time.monotonic() + 600
     while acked < want:
         if time.monotonic() > deadline:
             raise RuntimeError(f"bench: only {acked} of {want} groups arrived")
         got = learner.read(16, block_ms=2000)
+        if build_steps:
+            for d in got:
+                for e in d.group.episodes:
+                    e.steps  # noqa: B018  (builds the episode's StepRecords)
         acked += learner.ack([d.msg_id for d in got])
     stats = learner.stats()
     if stats["produced"] != acked or stats["pending"] or stats["depth"]:
@@ -109,7 +127,8 @@ def _drain(learner: Any, want: int) -> int:
     return acked
 
 
-def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers: int, groups: int) -> dict[str, float]:
+def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers: int, groups: int,
+              build_steps: bool = False) -> dict[str, float]:
     """Wall seconds of each phase and CPU seconds of each process for one run of ``mode``."""
     from services.buffer import TrajectoryBuffer, connect_redis
     from services.config import BufferConfig
@@ -129,7 +148,7 @@ def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers:
     start.set()
     out: dict[str, float] = {}
     if mode == "concurrent":
-        _drain(learner, per * producers)
+        _drain(learner, per * producers, build_steps)
         out["wall_s"] = time.time() - t0
     ends = [results.get(timeout=600) for _ in procs]
     t_push = max(e[0] for e in ends) - t0
@@ -137,7 +156,7 @@ def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers:
         out["wall_s"] = t_push
     elif mode == "phased":
         t1 = time.time()
-        _drain(learner, per * producers)
+        _drain(learner, per * producers, build_steps)
         out.update(push_s=t_push, read_s=time.time() - t1, wall_s=time.time() - t0)
     out.update(producer_cpu_s=sum(e[1] for e in ends), learner_cpu_s=time.process_time() - cpu0,
                server_cpu_s=_server_cpu(server_pid) - srv0)
@@ -152,23 +171,28 @@ def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers:
 
 
 def _codec(size: str, reps: int = 15) -> dict[str, float]:
-    """Per-group wire size and encode/decode time (median of ``reps``), to explain the ratio."""
+    """Per-group wire size and encode/decode time (median of ``reps``), to explain the ratio.
+    ``steps_ms``: building every StepRecord of a decoded group (not part of ``decode_ms``)."""
     from services.buffer.synthetic import make_group
-    from services.contracts import decode_group, encode_group
+    from services.codec import decode_group, encode_group
 
     g = make_group(**SIZES[size], seed=1)
-    enc, dec = [], []
+    enc, dec, steps = [], [], []
     for _ in range(reps):
         t = time.perf_counter()
         data = encode_group(g)
         enc.append(time.perf_counter() - t)
         t = time.perf_counter()
-        decode_group(data)
+        back = decode_group(data)
         dec.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for e in back.episodes:
+            e.steps  # noqa: B018
+        steps.append(time.perf_counter() - t)
     raw = encode_group(g, compress_min_bytes=1 << 40)
     return {"wire_bytes": len(data), "uncompressed_bytes": len(raw),
             "encode_ms": statistics.median(enc) * 1e3, "decode_ms": statistics.median(dec) * 1e3,
-            "encode_min_ms": min(enc) * 1e3, "decode_min_ms": min(dec) * 1e3}
+            "encode_min_ms": min(enc) * 1e3, "decode_min_ms": min(dec) * 1e3, "steps_ms": statistics.median(steps) * 1e3}
 
 
 def _summarize(n: int, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
@@ -192,7 +216,7 @@ def _summarize(n: int, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any
 
 
 def run(url: str, server_pid: int | None, producers: list[int], groups: dict[str, int],
-        repeat: int) -> list[dict[str, Any]]:
+        repeat: int, build_steps: bool = False) -> list[dict[str, Any]]:
     rows = []
     for size in groups:
         codec = _codec(size)
@@ -201,7 +225,7 @@ def run(url: str, server_pid: int | None, producers: list[int], groups: dict[str
             runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
             for r in range(repeat):
                 for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
-                    runs[mode].append(_run_once(mode, url, server_pid, size, p, n))
+                    runs[mode].append(_run_once(mode, url, server_pid, size, p, n, build_steps))
             s = _summarize(n, runs)
             eps = SIZES[size]["episodes"]
             rows.append({"size": size, "producers": p, "groups": n, **codec, **s,
@@ -247,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated group sizes out of {list(SIZES)}")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few groups, one repeat")
+    ap.add_argument("--build-steps", action="store_true",
+                    help="the learner also builds every episode's StepRecords (the eager decode of schema 4 before issue 3's lazy records)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     url, server = resolve_redis(args.url, appendfsync="everysec")
     try:
-        rows = run(url, server.pid if server is not None else None, producers, groups, repeat)
+        rows = run(url, server.pid if server is not None else None, producers, groups, repeat, args.build_steps)
     finally:
         if server is not None:
             server.stop()
@@ -284,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"bench": "buffer", "machine": platform.platform(), "cpus": os.cpu_count(),
                        "loadavg": os.getloadavg(), "redis": "embedded" if server is not None else "external",
+                       "build_steps": args.build_steps,
                        "headline": {"size": head["size"], "producers": head["producers"]},
                        "buffer_vs_raw_xadd": head["ratio"], "rows": rows}, fh, indent=2)
     # key=value lines for `proxmo bench all`; the last one is the headline

@@ -7,7 +7,7 @@ only after the update that used it is checkpointed, so a learner crash leaves
 the entry pending and a restarted (or other) consumer gets it again.
 
 Entry layout: ``gid`` (group id), ``pv`` (policy version) and ``d`` (the
-:func:`services.contracts.encode_group` bytes). Settled entries (acked, dead
+:func:`services.codec.encode_group` bytes). Settled entries (acked, dead
 or dropped as stale) are deleted from the stream, so Redis memory is bounded
 by ``max_depth`` plus what the learner holds.
 
@@ -49,8 +49,9 @@ import redis
 from services.buffer import scripts
 from services.buffer.errors import BackpressureTimeout, RedisUnavailableError, redact_url
 from services.buffer.redis_server import connect_redis
+from services.codec import decode_group, encode_group
 from services.config import BufferConfig
-from services.contracts import GroupRecord, RecordError, decode_group, encode_group
+from services.contracts import GroupRecord, RecordError
 
 log = logging.getLogger(__name__)
 
