@@ -520,6 +520,22 @@ def steps_from_columns(c: StepColumns, start: int, stop: int) -> list[StepRecord
     return out
 
 
+def _episode_fields(e: dict[str, Any], ei: int) -> dict[str, Any]:
+    """The checked scalar fields of wire episode ``ei``; the usual case costs one type test per field."""
+    won, score, tt, infra, why = (e.get(k) for k in ("won", "score", "tt", "infra", "why"))
+    if (type(won) is bool and type(infra) is bool and type(tt) is str and type(why) is str
+            and (type(score) is float or type(score) is int) and math.isfinite(score)):
+        return {"won": won, "score": float(score), "task_type": tt, "infra_failure": infra, "failure_reason": why}
+    where = f"episodes[{ei}]"  # something is off: find it and say what, field by field
+    return {
+        "won": _need(e, "won", bool, where),
+        "score": _finite(_need(e, "score", (int, float), where), f"{where}.score"),
+        "task_type": _need(e, "tt", str, where),
+        "infra_failure": _need(e, "infra", bool, where),
+        "failure_reason": _need(e, "why", str, where),
+    }
+
+
 def decode_group(data: bytes, max_bytes: int = 64 * 1024 * 1024) -> GroupRecord:
     """Decode and validate; raises RecordError on anything unexpected.
 
@@ -541,15 +557,8 @@ def decode_group(data: bytes, max_bytes: int = 64 * 1024 * 1024) -> GroupRecord:
     episodes = []
     k = 0
     for ei, e in enumerate(eps_wire):
-        where = f"episodes[{ei}]"
-        episodes.append(EpisodeRecord._lazy(  # steps are built on first access (services.contracts)
-            c, k, k + e["n"],
-            won=_need(e, "won", bool, where),
-            score=_finite(_need(e, "score", (int, float), where), f"{where}.score"),
-            task_type=_need(e, "tt", str, where),
-            infra_failure=_need(e, "infra", bool, where),
-            failure_reason=_need(e, "why", str, where),
-        ))
+        # steps are built on first access (services.contracts)
+        episodes.append(EpisodeRecord._lazy(c, k, k + e["n"], **_episode_fields(e, ei)))
         k += e["n"]
     group = GroupRecord(
         task_id=_need(body, "task_id", str, "group"),
