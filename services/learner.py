@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from proxmo import AdvantageInputs, compute_advantages
 from proxmo.config import AdvantageConfig, LossConfig
 from proxmo.losses import policy_loss
 from services.config import LearnerConfig
-from services.contracts import GroupRecord, StepRecord
+from services.contracts import GroupRecord
 
 log = logging.getLogger(__name__)
 
@@ -43,34 +43,47 @@ CHECKPOINT_STATE = "trainer_state.pt"
 CHECKPOINT_META = "trainer_meta.json"
 
 
+class RowTokens(NamedTuple):
+    """The token arrays of one row: views of its group's :class:`~services.contracts.StepColumns`."""
+
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    logprobs: np.ndarray
+
+
 @dataclass
 class Rows:
     """A batch flattened to (trajectory, step) rows, aligned with proxmo inputs."""
 
     inputs: AdvantageInputs
-    steps: list[StepRecord]
+    steps: list[RowTokens]  # per row, what the update needs of the step (same attribute names as StepRecord)
     trainable: np.ndarray  # bool [N]: has response tokens and is not an infra failure
 
 
 def flatten_groups(groups: list[GroupRecord]) -> Rows:
-    """Groups -> rows; every step of every episode is one row (DESIGN.md)."""
-    group, traj, step, reward, valid, anchor, success, mask, steps = ([] for _ in range(9))
+    """Groups -> rows; every step of every episode is one row (DESIGN.md).
+
+    Reads each group's columns (``GroupRecord.step_columns``), so the StepRecords of a group
+    decoded from the buffer are never built (issue 3).
+    """
+    group, traj, step, reward, valid, anchor, success, mask, rows = ([] for _ in range(9))
     for g in groups:
-        for ei, ep in enumerate(g.episodes):
-            for si, s in enumerate(ep.steps):
-                group.append(g.group_id)
-                traj.append(f"{g.group_id}/{ei}")
-                step.append(si)
-                reward.append(float(s.reward))
-                valid.append(bool(s.valid))
-                anchor.append(s.observation)
-                success.append(bool(ep.won))
-                mask.append(not ep.infra_failure)
-                steps.append(s)
+        c = g.step_columns()
+        po, qo = c.p_off.tolist(), c.q_off.tolist()
+        rows += [RowTokens(c.p[a:b], c.q[x:y], c.lp[x:y]) for a, b, x, y in zip(po, po[1:], qo, qo[1:])]
+        reward += c.reward.tolist()
+        valid += (c.valid != 0).tolist()
+        anchor += c.obs
+        for ei, (ep, n) in enumerate(zip(g.episodes, c.ep_steps.tolist(), strict=True)):
+            group += [g.group_id] * n
+            traj += [f"{g.group_id}/{ei}"] * n
+            step += range(n)
+            success += [bool(ep.won)] * n
+            mask += [not ep.infra_failure] * n
     inputs = AdvantageInputs(group=group, traj=traj, step=step, reward=reward, valid=valid,
                              anchor=anchor, success=success, mask=mask)
-    trainable = np.array([m and len(s.response_ids) > 0 for m, s in zip(mask, steps)], dtype=bool)
-    return Rows(inputs=inputs, steps=steps, trainable=trainable)
+    trainable = np.array([m and len(r.response_ids) > 0 for m, r in zip(mask, rows)], dtype=bool)
+    return Rows(inputs=inputs, steps=rows, trainable=trainable)
 
 
 def pick_device(name: str) -> torch.device:
@@ -81,8 +94,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _pad_batch(steps: list[StepRecord], device: torch.device):
+def _pad_batch(steps: list[RowTokens], device: torch.device):
     """Right-padded prompt+response ids and the positions of response tokens.
+
+    ``steps``: anything with ``prompt_ids`` and ``response_ids`` (RowTokens, StepRecord).
 
     Returns ids [B, L], attention [B, L], and for the shifted logits
     (position t predicts token t+1) a response mask [B, L-1].
@@ -235,7 +250,7 @@ class Learner:
                         "response_tokens": total_tokens})
         return metrics
 
-    def _micro_step(self, steps: list[StepRecord], adv: np.ndarray, n_rows: int, total_tokens: float):
+    def _micro_step(self, steps: list[RowTokens], adv: np.ndarray, n_rows: int, total_tokens: float):
         ids, attn, resp = _pad_batch(steps, self.device)
         logp, entropy = token_logprobs(self.model, ids, attn, with_entropy=self.loss_cfg.entropy_coef > 0, mask=resp)
         if self.cfg.recompute_old_logprobs:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
 
 from proxmo.config import AdvantageConfig, LossConfig
+from services.codec import decode_group, encode_group
 from services.config import LearnerConfig
 from services.contracts import EpisodeRecord, GroupRecord, StepRecord
 from services.learner import Learner, _pad_batch, flatten_groups, token_logprobs
@@ -80,6 +83,34 @@ def test_microbatch_split_does_not_change_the_update(model_dir):
     a.update(groups)
     b.update(groups)
     assert torch.allclose(_params(a), _params(b), atol=1e-6)
+
+
+def _live_step_records() -> int:
+    gc.collect()
+    return sum(type(o) is StepRecord for o in gc.get_objects())
+
+
+def test_decoded_groups_train_like_eager_ones_without_building_steps(model_dir):
+    """Issue 3: the learner reads a decoded group's columns; same rows and same update as the eager group."""
+    eager = _groups(model_dir)
+    eager[1].episodes[2].infra_failure = True
+    wire = [encode_group(g) for g in eager]
+    before = _live_step_records()
+    decoded = [decode_group(w) for w in wire]
+    a, b = flatten_groups(eager), flatten_groups(decoded)
+    _pad_batch(b.steps, torch.device("cpu"))
+    assert _live_step_records() == before  # decode + flatten + padding built no StepRecord
+    for name in ("group", "traj", "step", "reward", "valid", "anchor", "success", "mask"):
+        assert getattr(a.inputs, name) == getattr(b.inputs, name), name
+    np.testing.assert_array_equal(a.trainable, b.trainable)
+    for ra, rb in zip(a.steps, b.steps, strict=True):
+        for arr in ("prompt_ids", "response_ids", "logprobs"):
+            np.testing.assert_array_equal(getattr(ra, arr), getattr(rb, arr))
+    la, lb = _learner(model_dir), _learner(model_dir)
+    la.update(eager)
+    lb.update(decoded)
+    assert torch.equal(_params(la), _params(lb))
+    assert _live_step_records() == before
 
 
 def test_infra_failure_rows_are_masked(model_dir):
