@@ -29,9 +29,9 @@ columnar work. Decoding is lazy since then: ``decode_group`` validates the
 columns and builds no StepRecord until ``episode.steps`` is read, so the
 learner here (read + decode + validation + ack, no training) no longer pays
 for the ~0.6 ms of objects per realistic group that the old decoder built;
-the training learner builds them when it flattens its batch.
-``--build-steps`` makes this learner read every ``episode.steps`` as well,
-to measure the old eager cost.
+neither does the training learner, which flattens its batch from the columns
+(``services.learner.flatten_groups``). ``--build-steps`` makes this learner
+read every ``episode.steps`` as well, to measure the old eager cost.
 
 Also reported: CPU milliseconds per group of each process (producers,
 learner, redis-server from /proc when the server is the embedded one), which
