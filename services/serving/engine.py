@@ -61,6 +61,10 @@ def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig) -> Any:
             extra["distributed_executor_backend"] = "ray"  # workers in the replica's placement group
     else:
         cpu_engine_env(serving_cfg)
+        # The CPU build cannot rewind a seeded request's generator after a partial (chunked) prefill:
+        # its worker dies with "CPU Generator does not use offset" and takes the engine with it. Whole
+        # prefills keep seeded sampling (OpenAI `seed`, paired evaluation) working.
+        extra["enable_chunked_prefill"] = False
     return AsyncEngineArgs(
         **extra,
         model=model_cfg.path,

@@ -182,9 +182,16 @@ def test_per_prompt_seeds_repeat_samples_whatever_the_batch(policy_app):
     c = client.generate([p, p], sampling, seeds=[102, None])
     assert a[0].token_ids == a[2].token_ids == b[0].token_ids
     assert a[0].logprobs == pytest.approx(b[0].logprobs, abs=1e-4)
-    assert c[0].token_ids != a[0].token_ids  # another seed, another sample (random tiny model: ~1k tokens)
+    assert c[0].token_ids != a[0].token_ids  # another seed, another sample (random tiny model: hundreds of tokens)
     with pytest.raises(ValueError, match="seeds"):
         client.generate([p, q], sampling, seeds=[1])
+
+    # Many long seeded prompts at once exceed the engine's token budget per step. With chunked
+    # prefill the CPU build's worker died here ("CPU Generator does not use offset").
+    long = [[5 + (i * 7 + j) % 200 for j in range(480)] for i in range(24)]
+    many = client.generate(long, {**sampling, "max_tokens": 4}, seeds=list(range(1000, 1024)))
+    alone = client.generate([long[17]], {**sampling, "max_tokens": 4}, seeds=[1017])
+    assert many[17].token_ids == alone[0].token_ids
 
     # The rollout worker's evaluation: the same sample seeds replay the same episodes.
     worker = RolloutWorker("w-seeded", EnvConfig(max_steps=3), RolloutConfig(group_size=1, envs_per_worker=2),
