@@ -219,8 +219,11 @@ def _where(ep_steps: np.ndarray, flat: int) -> str:
     return f"episodes[{e}].steps[{flat - start}]"
 
 
-def _check_columns(c: StepColumns) -> None:
-    """Vectorized semantic checks of all steps; names the first offending step."""
+def _check_columns(c: StepColumns) -> int:
+    """Vectorized semantic checks of all steps; names the first offending step.
+
+    Returns the bitwise OR of all token ids (>= the largest, all being >= 0) for the token width.
+    """
     bad = np.flatnonzero(~np.isfinite(c.reward))
     if bad.size:
         raise RecordError(f"{_where(c.ep_steps, int(bad[0]))}.reward: not finite ({c.reward[bad[0]]})")
@@ -228,16 +231,20 @@ def _check_columns(c: StepColumns) -> None:
         tok = int(np.flatnonzero(~np.isfinite(c.lp))[0])
         step = int(np.searchsorted(np.cumsum(c.q_len), tok, side="right"))
         raise RecordError(f"{_where(c.ep_steps, step)}.logprobs: not all finite")
+    top = 0
     for name, ids, lens in (("prompt_ids", c.p, c.p_len), ("response_ids", c.q, c.q_len)):
         if int(lens.sum()) != len(ids):
             raise RecordError(f"{name}: step lengths add up to {int(lens.sum())}, the ids hold {len(ids)}")
-        if ids.size and int(np.bitwise_or.reduce(ids)) < 0:  # the sign bit survives an OR
+        bits = int(np.bitwise_or.reduce(ids)) if ids.size else 0
+        top |= bits
+        if bits < 0:  # the sign bit survives an OR
             tok = int(np.flatnonzero(ids < 0)[0])
             step = int(np.searchsorted(np.cumsum(lens), tok, side="right"))
             raise RecordError(f"{_where(c.ep_steps, step)}.{name}: negative token id")
     if c.pv.size and int(c.pv.min()) < 0:
         step = int(np.flatnonzero(c.pv < 0)[0])
         raise RecordError(f"{_where(c.ep_steps, step)}: negative policy_version {c.pv[step]}")
+    return top
 
 
 def validate_group(g: GroupRecord) -> None:
@@ -283,13 +290,6 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
     return _local.d
 
 
-def _token_width(*ids: np.ndarray) -> int:
-    """Bytes per token id on the wire: 2 when every id fits in uint16, else 4 (ids are checked >= 0)."""
-    # One OR over the ids bounds the largest one (OR >= max) without a second pass.
-    top = max((int(np.bitwise_or.reduce(a)) for a in ids if a.size), default=0)
-    return 2 if 0 <= top < _U16_LIMIT else 4
-
-
 def _align4(n: int) -> int:
     return (n + 3) & ~3
 
@@ -313,7 +313,7 @@ def _payload(head: dict[str, Any], columns: list[tuple[np.ndarray, str]]) -> tup
     buf[_AT + _HEAD.size:_AT + _HEAD.size + len(packed)] = np.frombuffer(packed, np.uint8)
     buf[_AT + _HEAD.size + len(packed):pos] = 0
     for (arr, dtype), nb in zip(columns, head["steps"]["cb"], strict=True):
-        np.copyto(buf[pos:pos + nb].view(dtype), arr, casting="unsafe")  # ranges were checked (_token_width)
+        np.copyto(buf[pos:pos + nb].view(dtype), arr, casting="unsafe")  # ranges were checked (_check_columns)
         pos += nb
     return buf, end
 
@@ -321,8 +321,13 @@ def _payload(head: dict[str, Any], columns: list[tuple[np.ndarray, str]]) -> tup
 def encode_group(g: GroupRecord, compress_min_bytes: int = 4096) -> bytes:
     """Validate and serialize; raises RecordError rather than write a record the learner would reject."""
     _check_group_fields(g)
-    c = columns_of(g, reuse=True)  # an untouched decoded group: its columns, no per-step work
-    tw = _token_width(c.p, c.q)
+    c = g.decoded_columns()  # an untouched decoded group: its columns, no per-step work
+    if c is not None:
+        _check_structure(c)
+    else:
+        c = _gather(g, reuse=True)
+    # ids are >= 0 (checked), so their OR bounds the largest: 2 bytes each when it fits in uint16
+    tw = 2 if _check_columns(c) < _U16_LIMIT else 4
     tok = "<u2" if tw == 2 else "<i4"
     head = {
         "v": SCHEMA_VERSION,

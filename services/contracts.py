@@ -141,8 +141,8 @@ class EpisodeRecord:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         from services.codec import steps_from_columns
 
-        steps = self.__dict__["steps"] = steps_from_columns(self.__dict__["_cols"], *span)
-        return steps
+        # setdefault: two threads that build the steps at once both get the list that was stored first
+        return self.__dict__.setdefault("steps", steps_from_columns(self.__dict__["_cols"], *span))
 
     @property
     def num_steps(self) -> int:
