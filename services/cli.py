@@ -33,6 +33,7 @@ COMMANDS: dict[str, object] = {
         "curves": "services.bench.curves:main",
         "scaling": "services.bench.scaling:main",
         "soak": "services.bench.soak:main",
+        "engine-memory": "services.bench.engine_memory:main",
     },
 }
 
