@@ -41,6 +41,9 @@ class EnvConfig:
     obs_chars: int = 120  # history observations are cut to this many characters
     max_action_chars: int = 200  # longer model outputs are invalid
     step_timeout_s: float = 30.0  # an env step slower than this is an infrastructure failure
+    # True: a well-formed action that is not in the env's admissible list is also marked invalid, so
+    # it gets algorithm.invalid_penalty (the env still plays it). False (paper): only unparsable output.
+    inadmissible_is_invalid: bool = False
     data_path: str = ""  # ALFWorld / WebShop data folder (empty: the env's own default)
     options: dict[str, Any] = field(default_factory=dict)  # adapter-specific extras
 

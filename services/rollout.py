@@ -69,6 +69,7 @@ class _Episode:
     done: bool = False
     infra_failure: bool = False
     failure_reason: str = ""
+    inadmissible: int = 0  # well-formed actions the env did not list as admissible
 
 
 @dataclass
@@ -83,6 +84,7 @@ class GroupSummary:
     infra_failures: int
     policy_version: int
     pushed: bool
+    inadmissible_steps: int = 0  # well-formed but not admissible; among invalid_steps with env.inadmissible_is_invalid
 
 
 def _load_tokenizer(auto_cls, model_path: str):
@@ -242,6 +244,7 @@ class RolloutWorker:
         parsed = parse_action(text, self.env_cfg.max_action_chars)
         anchor = ep.observation
         reward, done, info = 0.0, False, {}
+        valid, reason = parsed.valid, parsed.reason
         if parsed.valid:
             t0 = time.perf_counter()
             try:
@@ -257,13 +260,17 @@ class RolloutWorker:
             ep.info = {**ep.info, **info}
             ep.won = ep.won or bool(info.get("won", False))
             ep.score = float(info.get("score", ep.score))
+            if info.get("admissible") is False:  # None: the env gives no action list
+                ep.inadmissible += 1
+                if self.env_cfg.inadmissible_is_invalid:
+                    valid, reason = False, "inadmissible"
         ep.history.append((anchor, parsed.action if parsed.valid else text[:80]))
         ep.steps.append(StepRecord(
-            observation=anchor, action=parsed.action, reward=reward, valid=parsed.valid, done=done,
+            observation=anchor, action=parsed.action, reward=reward, valid=valid, done=done,
             prompt_ids=np.asarray(prompt_ids, np.int32), response_ids=np.asarray(gen.token_ids, np.int32),
             logprobs=np.asarray(gen.logprobs, np.float32), policy_version=int(gen.policy_version),
             info={"admissible": len(info.get("admissible_actions", ep.info.get("admissible_actions", []))),
-                  "reason": parsed.reason} if not parsed.valid else {},
+                  "reason": reason} if not valid else {},
         ))
         if done or len(ep.steps) >= self.env_cfg.max_steps:
             ep.done = True
@@ -298,5 +305,6 @@ class RolloutWorker:
             group_id=a.group_id, task_id=a.task.task_id, task_type=group.task_type, episodes=len(records),
             steps=sum(len(e.steps) for e in records), successes=sum(e.won for e in records),
             invalid_steps=sum(not s.valid for e in records for s in e.steps),
+            inadmissible_steps=sum(e.inadmissible for e in eps),
             infra_failures=sum(e.infra_failure for e in records), policy_version=group.policy_version,
             pushed=pushed)

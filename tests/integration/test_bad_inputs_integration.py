@@ -185,3 +185,31 @@ def test_redis_password_stays_out_of_errors_and_logs(redis_server, caplog):
         connect_redis(bad, timeout_s=2)
     assert "not-it" not in str(err.value) and redis_server.password not in str(err.value)
     assert redis_server.password not in caplog.text
+
+
+def test_inadmissible_actions_are_counted_and_optionally_penalised(tiny_model_dir):
+    """env.inadmissible_is_invalid: a well-formed action the game does not list is marked invalid."""
+    from services.envs.protocol import format_response
+
+    for penalise in (False, True):
+        cfg = EnvConfig(max_steps=50, inadmissible_is_invalid=penalise)
+        w = RolloutWorker("w-inadm", cfg, RolloutConfig(group_size=1, envs_per_worker=1),
+                          SamplingConfig(max_tokens=16), str(tiny_model_dir), policy=None, max_model_len=8192)
+        try:
+            task = w._env(0).sample_tasks("train", 1, seed=3)[0]
+            ep = _Episode(w._env(0), Assignment(task, group_id=f"inadm/{penalise}"), 0)
+            w._reset(ep)
+            listed = ep.info["admissible_actions"][0]
+            for action in ("take the unicorn from the moon", listed):
+                gen = Generation([1, 2], [-0.5, -0.5], format_response(action), "stop", policy_version=1)
+                w._act(ep, w._prompt_ids(ep), gen)
+            odd, ok = ep.steps
+            assert odd.action == "take the unicorn from the moon" and ok.action == listed.lower()
+            assert ok.valid
+            assert odd.valid is (not penalise)
+            assert odd.info.get("reason") == ("inadmissible" if penalise else None)
+            summary = w._finish(ep.assignment, [ep], push=False)
+            assert summary.inadmissible_steps == 1
+            assert summary.invalid_steps == (1 if penalise else 0)
+        finally:
+            w.close()
