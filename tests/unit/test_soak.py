@@ -50,6 +50,8 @@ def test_a_real_sample_of_this_process_tree():
     assert sampler.sample_once() >= 1
     me = [s for s in sampler.samples if s.pid == os.getpid()]
     assert me and me[0].label == "driver" and me[0].pss_mb > 10 and me[0].rss_mb >= me[0].pss_mb * 0.5
+    assert 0 < me[0].uss_mb <= me[0].pss_mb + 1.0  # private memory is part of the proportional share
+    assert analyse(sampler.samples, metric="uss_mb")["processes"][0]["last_mb"] > 0
     import psutil
 
     assert label_of(psutil.Process(os.getpid()), os.getpid()) == "driver"
