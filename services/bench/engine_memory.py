@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import random
 import sys
 import time
@@ -73,8 +72,6 @@ async def _run(args: argparse.Namespace) -> int:
                       f"seconds={time.perf_counter() - t0:.0f}", flush=True)
     finally:
         engine.shutdown()
-        del engine  # vLLM's __del__ would shut down again at interpreter exit, half torn down
-        gc.collect()
     settled = samples[len(samples) // 4:] or samples  # the first quarter is warm-up
     growth = settled[-1] - settled[0] if settled else float("nan")
     print(f"worker_growth_mb={growth:.1f} rounds={args.rounds}")

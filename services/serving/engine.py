@@ -148,4 +148,8 @@ class VLLMEngine:
         await self._llm.check_health()
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+            # Drop it now: vLLM's __del__ shuts down again, and at interpreter exit that raises.
+            del llm
