@@ -24,7 +24,7 @@ test-all: setup
 	$(PY) -m pytest -q -m "not gpu" tests
 
 test-faults: setup
-	$(PY) -m pytest -q -s -m faults tests  # -s: each test prints its produced/consumed/acked/dead/lost counts
+	$(PY) -m pytest -q -s --tb=native -m faults tests  # -s: each test prints its counts; native tracebacks (pytest's own formatter crashed on a deep py4j one)
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests/gpu

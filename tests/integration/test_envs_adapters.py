@@ -302,7 +302,9 @@ def test_twx_frozen_jvm_times_out_and_heals(isolate):
         t = time.perf_counter()
         with pytest.raises(EnvInfraError, match="timed out"):
             g.step("look around")
-        assert time.perf_counter() - t < 10
+        # The guard answers after its 2 s timeout instead of hanging; the margin covers a loaded host
+        # (the isolated variant also has a process to wind down).
+        assert time.perf_counter() - t < 30
     finally:
         proc.kill()
     assert g.reset(task)[0] == obs and g.restarts == 1
