@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,7 @@ class Learner:
         if not Path(model_path, "config.json").is_file():
             raise FileNotFoundError(f"model path {model_path!r} is not a Hugging Face model folder (no config.json)")
         self.cfg, self.algorithm, self.loss_cfg = cfg, algorithm, loss
+        self.model_path = str(model_path)
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -283,6 +285,7 @@ class Learner:
             _rmtree(tmp)
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer_files(self.model_path, tmp)  # a checkpoint loads by itself in transformers and vLLM
         torch.save({
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -310,6 +313,18 @@ class Learner:
         random.setstate(state["rng"]["python"])
         self.step, self.version = int(meta["step"]), int(meta["version"])
         return meta
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+
+
+def _copy_tokenizer_files(src: str | os.PathLike, dst: Path) -> None:
+    """The tokenizer (and generation config) of the source model folder, where the checkpoint lacks them."""
+    for name in TOKENIZER_FILES:
+        f = Path(src, name)
+        if f.is_file() and not (dst / name).exists():
+            shutil.copy2(f, dst / name)
 
 
 def _advantage_stats(adv, rows: Rows) -> dict[str, float]:

@@ -128,6 +128,11 @@ def test_resume_continues_exactly(model_dir, tmp_path):
     a.update(groups1)
     a.version = 1
     a.save_checkpoint(tmp_path / "ckpt", {"iteration": 1})
+    # The checkpoint is a complete HF folder: its own tokenizer and chat template load with it.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     a.update(groups2)
     b = _learner(model_dir)
     meta = b.load_checkpoint(tmp_path / "ckpt")
