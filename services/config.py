@@ -43,6 +43,7 @@ class EnvConfig:
     step_timeout_s: float = 30.0  # an env step slower than this is an infrastructure failure
     # True: a well-formed action that is not in the env's admissible list is also marked invalid, so
     # it gets algorithm.invalid_penalty (the env still plays it). False (paper): only unparsable output.
+    # Measured on the quick start (BENCHMARKS.md): with penalty 0.5 the tiny model learned to "look around".
     inadmissible_is_invalid: bool = False
     data_path: str = ""  # ALFWorld / WebShop data folder (empty: the env's own default)
     options: dict[str, Any] = field(default_factory=dict)  # adapter-specific extras
