@@ -34,6 +34,7 @@ COMMANDS: dict[str, object] = {
         "scaling": "services.bench.scaling:main",
         "soak": "services.bench.soak:main",
         "engine-memory": "services.bench.engine_memory:main",
+        "replica-memory": "services.bench.replica_memory:main",
     },
 }
 

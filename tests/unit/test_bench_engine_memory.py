@@ -12,3 +12,12 @@ def test_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_replica_memory_rejects_bad_arguments():
+    from services.bench.replica_memory import main as replica_main
+
+    for argv in (["requests", "--rounds", "10"], ["sideways"]):
+        with pytest.raises(SystemExit) as exc:
+            replica_main(argv)
+        assert exc.value.code == 2
