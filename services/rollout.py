@@ -203,7 +203,7 @@ class RolloutWorker:
         delay = 0.5
         while True:
             try:
-                if seeds is None:
+                if seeds is None:  # unseeded calls keep the narrower signature (test doubles, wrappers)
                     return self.policy.generate(prompts, sampling, session_ids=session_ids)
                 return self.policy.generate(prompts, sampling, session_ids=session_ids, seeds=seeds)
             except (RayError, TimeoutError, ConnectionError, OSError) as exc:

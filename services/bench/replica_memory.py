@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     from services.config import ModelConfig, ServingConfig
     from services.serving.app import deploy_policy
@@ -51,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     dep = deploy_policy(ModelConfig(path=args.model), ServingConfig(num_cpus=0.5), port=0)
     rng = random.Random(0)
     state = load_file(f"{args.model}/model.safetensors") if args.mode == "publish" else {}
-    from transformers import AutoTokenizer
-
     vocab = len(AutoTokenizer.from_pretrained(args.model))
     samples: list[float] = []
     try:
