@@ -45,6 +45,13 @@ class EnvConfig:
     # it gets algorithm.invalid_penalty (the env still plays it). False (paper): only unparsable output.
     # Measured on the quick start (BENCHMARKS.md): with penalty 0.5 the tiny model learned to "look around".
     inadmissible_is_invalid: bool = False
+    # "nearest": a well-formed action that is not admissible is replaced by the most similar admissible
+    # action (difflib ratio, ties to the earlier listed) before the env plays it, the fallback of LLM
+    # planners that ground free text in a fixed action set (Huang et al. 2022). The step records the
+    # model's text in info["projected_from"]; the rollout counts it (rollout/projected_action_rate).
+    # "none" (paper): the env plays the text as written and usually answers that it did not understand.
+    action_projection: str = "none"
+    projection_min_ratio: float = 0.0  # below this similarity the text is played as written
     data_path: str = ""  # ALFWorld / WebShop data folder (empty: the env's own default)
     options: dict[str, Any] = field(default_factory=dict)  # adapter-specific extras
 
@@ -351,6 +358,9 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.rl_seconds >= 0, "rl_seconds must be >= 0 (0: no time budget)")
     check(cfg.env.max_steps >= 1, "env.max_steps must be >= 1")
     check(cfg.env.history >= 0, "env.history must be >= 0")
+    check(cfg.env.action_projection in ("none", "nearest"),
+          f"env.action_projection must be 'none' or 'nearest', got {cfg.env.action_projection!r}")
+    check(0.0 <= cfg.env.projection_min_ratio <= 1.0, "env.projection_min_ratio must be in [0, 1]")
     r = cfg.rollout
     check(r.group_size >= 1, "rollout.group_size must be >= 1")
     check(r.envs_per_worker >= 1, "rollout.envs_per_worker must be >= 1")

@@ -91,6 +91,7 @@ def summarize(summaries: list[GroupSummary], prefix: str = "rollout") -> dict[st
            f"{prefix}/episode_length": steps / eps,
            f"{prefix}/invalid_action_rate": sum(s.invalid_steps for s in summaries) / steps,
            f"{prefix}/inadmissible_action_rate": sum(s.inadmissible_steps for s in summaries) / steps,
+           f"{prefix}/projected_action_rate": sum(s.projected_steps for s in summaries) / steps,
            f"{prefix}/infra_failures": float(sum(s.infra_failures for s in summaries)),
            f"{prefix}/groups": float(len(summaries))}
     by_type: dict[str, list[int]] = {}

@@ -70,6 +70,7 @@ class _Episode:
     infra_failure: bool = False
     failure_reason: str = ""
     inadmissible: int = 0  # well-formed actions the env did not list as admissible
+    projected: int = 0  # of those, replaced by the nearest admissible action (env.action_projection)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class GroupSummary:
     policy_version: int
     pushed: bool
     inadmissible_steps: int = 0  # well-formed but not admissible; among invalid_steps with env.inadmissible_is_invalid
+    projected_steps: int = 0  # inadmissible actions the env replaced by the nearest admissible one
 
 
 def _load_tokenizer(auto_cls, model_path: str):
@@ -264,13 +266,19 @@ class RolloutWorker:
                 ep.inadmissible += 1
                 if self.env_cfg.inadmissible_is_invalid:
                     valid, reason = False, "inadmissible"
-        ep.history.append((anchor, parsed.action if parsed.valid else text[:80]))
+        played = info.get("action", parsed.action)  # the admissible action it was projected to, if it was
+        if "projected_from" in info:
+            ep.projected += 1
+        ep.history.append((anchor, played if parsed.valid else text[:80]))
+        step_info = {"projected_from": info["projected_from"]} if "projected_from" in info else {}
+        if not valid:
+            step_info.update(admissible=len(info.get("admissible_actions", ep.info.get("admissible_actions", []))),
+                             reason=reason)
         ep.steps.append(StepRecord(
-            observation=anchor, action=parsed.action, reward=reward, valid=valid, done=done,
+            observation=anchor, action=played, reward=reward, valid=valid, done=done,
             prompt_ids=np.asarray(prompt_ids, np.int32), response_ids=np.asarray(gen.token_ids, np.int32),
             logprobs=np.asarray(gen.logprobs, np.float32), policy_version=int(gen.policy_version),
-            info={"admissible": len(info.get("admissible_actions", ep.info.get("admissible_actions", []))),
-                  "reason": reason} if not valid else {},
+            info=step_info,
         ))
         if done or len(ep.steps) >= self.env_cfg.max_steps:
             ep.done = True
@@ -305,6 +313,6 @@ class RolloutWorker:
             group_id=a.group_id, task_id=a.task.task_id, task_type=group.task_type, episodes=len(records),
             steps=sum(len(e.steps) for e in records), successes=sum(e.won for e in records),
             invalid_steps=sum(not s.valid for e in records for s in e.steps),
-            inadmissible_steps=sum(e.inadmissible for e in eps),
+            inadmissible_steps=sum(e.inadmissible for e in eps), projected_steps=sum(e.projected for e in eps),
             infra_failures=sum(e.infra_failure for e in records), policy_version=group.policy_version,
             pushed=pushed)

@@ -16,6 +16,7 @@ imported lazily (STYLE.md 4).
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import random
@@ -128,8 +129,13 @@ class TextEnv(ABC):
         if self._done:
             raise TaskError("step() after the episode ended; call reset()")
         action = (action or "").strip()
-        raw = self._canon.get(action.lower(), action)
         was_admissible = self.is_admissible(action.lower())
+        projected_from = None
+        if was_admissible is False and self.cfg.action_projection == "nearest":
+            nearest = nearest_action(action.lower(), self._admissible, self.cfg.projection_min_ratio)
+            if nearest is not None:
+                projected_from, action = action, nearest
+        raw = self._canon.get(action.lower(), action)
         obs, info = self._step(raw)
         self._steps += 1
         won = bool(info.get("won", False))
@@ -148,6 +154,8 @@ class TextEnv(ABC):
         )
         info.setdefault("score", 0.0)
         info.pop("done", None)
+        if projected_from is not None:
+            info.update(projected_from=projected_from, action=action)
         return StepResult(obs, WIN_REWARD if won else 0.0, self._done, info)
 
     def is_admissible(self, action: str) -> bool | None:
@@ -169,6 +177,22 @@ class TextEnv(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def nearest_action(text: str, actions: list[str], min_ratio: float = 0.0) -> str | None:
+    """The action of ``actions`` most similar to ``text`` (difflib ratio; ties go to the earlier one).
+
+    None when ``actions`` is empty or the best ratio is below ``min_ratio``.
+    """
+    best, best_ratio = None, -1.0
+    matcher = difflib.SequenceMatcher(autojunk=False)
+    matcher.set_seq2(text)
+    for a in actions:
+        matcher.set_seq1(a)
+        r = matcher.ratio()
+        if r > best_ratio:
+            best, best_ratio = a, r
+    return best if best is not None and best_ratio >= min_ratio else None
 
 
 class JvmEnvMixin:

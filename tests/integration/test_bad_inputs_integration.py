@@ -213,3 +213,29 @@ def test_inadmissible_actions_are_counted_and_optionally_penalised(tiny_model_di
             assert summary.invalid_steps == (1 if penalise else 0)
         finally:
             w.close()
+
+
+def test_projected_actions_are_played_recorded_and_counted(tiny_model_dir):
+    """env.action_projection=nearest: a near miss plays the listed action; the step keeps the model's text."""
+    from services.envs.protocol import format_response
+
+    cfg = EnvConfig(max_steps=50, action_projection="nearest", projection_min_ratio=0.8)
+    w = RolloutWorker("w-proj", cfg, RolloutConfig(group_size=1, envs_per_worker=1),
+                      SamplingConfig(max_tokens=16), str(tiny_model_dir), policy=None, max_model_len=8192)
+    try:
+        task = w._env(0).sample_tasks("train", 1, seed=3)[0]
+        ep = _Episode(w._env(0), Assignment(task, group_id="proj"), 0)
+        w._reset(ep)
+        listed = ep.info["admissible_actions"][0]
+        near_miss = listed + "s"
+        for action in (near_miss, "take the unicorn from the moon"):  # the second is below min ratio 0.8
+            gen = Generation([1, 2], [-0.5, -0.5], format_response(action), "stop", policy_version=1)
+            w._act(ep, w._prompt_ids(ep), gen)
+        projected, unmatched = ep.steps
+        assert projected.action == listed.lower() and projected.info == {"projected_from": near_miss}
+        assert projected.valid and ep.history[0][1] == listed.lower()
+        assert unmatched.action == "take the unicorn from the moon" and unmatched.info == {}
+        summary = w._finish(ep.assignment, [ep], push=False)
+        assert (summary.inadmissible_steps, summary.projected_steps, summary.invalid_steps) == (2, 1, 0)
+    finally:
+        w.close()

@@ -125,6 +125,46 @@ def test_reward_convention_truncation_and_order_errors():
     assert r.done and r.info["won"] and r.reward == 10.0 and r.info["score"] == 1.0
 
 
+def test_nearest_action_picks_the_most_similar_listed_action():
+    from services.envs.base import nearest_action
+
+    actions = ["take striped bed sheet", "take gray bed sheet", "open wardrobe", "look around"]
+    assert nearest_action("take striped duvet", actions) == "take striped bed sheet"
+    assert nearest_action("open the wardrobe", actions) == "open wardrobe"
+    assert nearest_action("take striped duvet", actions, min_ratio=0.95) is None
+    assert nearest_action("anything", []) is None
+    assert nearest_action("ab", ["ax", "bx"]) == "ax"  # equal ratios: the earlier listed wins
+
+
+class _Listed(TextEnv):
+    """A TextEnv with a fixed action list whose observation says what it played."""
+
+    name = "listed"
+
+    def sample_tasks(self, split, n, seed):
+        return [Task("listed", f"t{i}", i, split) for i in range(n)]
+
+    def _reset(self, task):
+        return "start", {"admissible_actions": ["Take striped bed sheet", "look around"], "task_description": ""}
+
+    def _step(self, action):
+        return f"played {action}", {"admissible_actions": ["Take striped bed sheet", "look around"]}
+
+
+def test_projection_plays_the_nearest_admissible_action_and_says_so():
+    seen = {}
+    for mode in ("none", "nearest"):
+        env = _Listed(EnvConfig(action_projection=mode))
+        env.reset(env.sample_tasks("train", 1, 0)[0])
+        r = env.step("take striped duvet")
+        assert r.info["admissible"] is False  # the model's text was not admissible either way
+        seen[mode] = r.observation, r.info.get("projected_from"), r.info.get("action")
+        assert env.step("look around").info["admissible"] is True  # listed: never projected
+    assert seen["none"] == ("played take striped duvet", None, None)
+    # The env's own spelling is played; info keeps the model's text and the lowercased action.
+    assert seen["nearest"] == ("played Take striped bed sheet", "take striped duvet", "take striped bed sheet")
+
+
 # --------------------------------------------------------------------------- GuardedEnv
 
 

@@ -39,6 +39,8 @@ BAD = [
     (["rollout.num_workers=true"], "rollout.num_workers"),
     (["learner"], "key.path=value"),
     (["mode=sometimes"], "mode must be"),
+    (["env.action_projection=closest"], "env.action_projection must be"),
+    (["env.projection_min_ratio=1.5"], "env.projection_min_ratio must be in"),
     (["learner.lr=-1"], "learner.lr"),
     (["rollout.min_workers=3", "rollout.num_workers=2"], "min_workers"),
     (["serving.min_replicas=4", "serving.max_replicas=2"], "min_replicas"),
