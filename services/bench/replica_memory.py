@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("mode", choices=("requests", "publish"))
     ap.add_argument("--rounds", type=int, default=120)
     ap.add_argument("--model", default="artifacts/tiny-model")
+    ap.add_argument("--trace", action="store_true",
+                    help="tracemalloc in the replica from round 20; print the sites that grew most at the end")
     args = ap.parse_args(argv)
     if args.rounds < 40:
         ap.error("--rounds must be >= 40 (the first 20 are warm-up)")
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             if (i + 1) % 20 == 0:
                 samples.append(_replica_uss())
                 print(f"round={i + 1} replica_uss_mb={samples[-1]:.1f}", flush=True)
+                if args.trace and i + 1 == 20:
+                    dep.handle.memory_trace.remote("start").result()
+        if args.trace:
+            print("python allocations grown in the replica since round 20 (tracemalloc):")
+            for line in dep.handle.memory_trace.remote("diff", 25).result():
+                print("  " + line)
     finally:
         dep.shutdown()
         ray.shutdown()

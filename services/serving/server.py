@@ -258,3 +258,30 @@ class PolicyServer:
 
     def get_version(self) -> int:
         return self.version
+
+    def memory_trace(self, op: str, top: int = 15) -> list[str]:
+        """Diagnostics, reachable through the deployment handle only (no HTTP route).
+
+        ``start``: begin tracemalloc (10 frames) and keep a baseline snapshot; ``diff``: the
+        ``top`` allocation sites that grew most since the baseline, one line each; ``stop``.
+        Used by ``proxmo bench replica-memory --trace`` (issue 9).
+        """
+        import tracemalloc
+
+        if op == "start":
+            tracemalloc.start(10)
+            self._trace_base = tracemalloc.take_snapshot()
+            return []
+        if op == "stop":
+            tracemalloc.stop()
+            self._trace_base = None
+            return []
+        if op != "diff" or getattr(self, "_trace_base", None) is None:
+            raise ValueError(f"memory_trace: {op!r} needs 'start' first (ops: start, diff, stop)")
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+        lines = []
+        for st in snap.compare_to(self._trace_base, "traceback")[:top]:
+            recent = list(st.traceback)[::-1][:4]  # tracemalloc lists frames oldest first
+            frames = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in recent)
+            lines.append(f"{st.size_diff / 1024:+.1f} KiB {st.count_diff:+d} blocks  {frames}")
+        return lines

@@ -257,3 +257,20 @@ def test_cpu_engine_env_bounds_the_onednn_primitive_cache(monkeypatch):
     cfg.serving.onednn_cache_capacity = -1
     with pytest.raises(ConfigError, match="onednn_cache_capacity"):
         validate(cfg)
+
+
+def test_memory_trace_names_the_sites_that_grew():
+    from services.config import ModelConfig, ServingConfig
+    from services.serving.server import PolicyServer
+
+    server = PolicyServer(ModelConfig(), ServingConfig(), engine=object())  # memory_trace never touches the engine
+    with pytest.raises(ValueError, match="needs 'start' first"):
+        server.memory_trace("diff")
+    server.memory_trace("start")
+    try:
+        kept = [bytes(1000) + bytes([i % 256]) for i in range(2000)]  # ~2 MB that stays alive
+        top = server.memory_trace("diff", 5)
+    finally:
+        server.memory_trace("stop")
+    assert kept and len(top) <= 5
+    assert "test_serving.py" in top[0] and float(top[0].split()[0]) > 1500  # KiB, the biggest grower
