@@ -163,7 +163,7 @@ def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers:
     for p in procs:
         p.join(timeout=30)
     client = connect_redis(url)
-    client.delete(stream, f"{stream}:stats", f"{stream}:seen", f"{stream}:seen:t", f"{stream}:dead")
+    client.delete(stream, *(f"{stream}:{k}" for k in ("stats", "seen", "seen:t", "dead", "tick")))
     client.close()
     if learner is not None:
         learner.close()

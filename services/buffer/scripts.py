@@ -12,9 +12,12 @@ their definitions.
 
 from __future__ import annotations
 
-# KEYS: stream, stats, seen (hash gid -> entry id), seen_t (zset gid -> time)
+# KEYS: stream, stats, seen (hash gid -> entry id), seen_t (zset gid -> time), tick
 # ARGV: group, gid, policy_version, payload, max_depth, now, dedupe_cutoff
 # Returns {"ok", id} | {"dup", first_id} | {"full", depth}
+# The tick stream (one tiny entry) is what an idle reader blocks on: waiting on
+# the stream itself would send the reader the whole new entry (~170 KB for a
+# realistic group) just to wake it, and READ sends that entry again.
 PUSH = """
 local prev = redis.call('HGET', KEYS[3], ARGV[2])
 if prev then
@@ -35,14 +38,20 @@ if #old > 0 then
   redis.call('HDEL', KEYS[3], unpack(old))
 end
 redis.call('HINCRBY', KEYS[2], 'produced', 1)
+redis.call('XADD', KEYS[5], 'MAXLEN', '1', '*', 'id', id)
 return {'ok', id}
 """
 
-# KEYS: stream, stats
+# KEYS: stream, stats, tick
 # ARGV: group, consumer, count, min_idle_ms (-1: no reclaim), claim_cursor, own_from ('' : skip)
-# Returns {again_entries, fresh_entries, claim_cursor, own_next, last_generated_id}
+# Returns {again_entries, fresh_entries, claim_cursor, own_next, drained_at}
 #   again: entries delivered before (own pending list after a restart, or reclaimed
 #          from a consumer idle longer than min_idle); fresh: first deliveries.
+#   drained_at: when this read returned fewer than count entries, the id of the
+#          newest tick ('0-0': none yet), else ''. Until a push adds a later tick
+#          no new entry arrives, so an XREAD BLOCK on the tick stream from there is
+#          the reader's wait (entries reclaimable from an idle consumer need no
+#          push: the reader caps that wait).
 READ = """
 local stream, stats = KEYS[1], KEYS[2]
 local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -66,14 +75,12 @@ if #again < count then
 end
 if #fresh > 0 then redis.call('HINCRBY', stats, 'consumed', #fresh) end
 if #again > 0 then redis.call('HINCRBY', stats, 'redelivered', #again) end
-local last = ''
-if #fresh == 0 and #again == 0 then
-  local info = redis.call('XINFO', 'STREAM', stream)
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
-  end
+local drained = ''
+if #again + #fresh < count then
+  local t = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+  drained = t[1] and t[1][1] or '0-0'
 end
-return {again, fresh, cursor, own_next, last}
+return {again, fresh, cursor, own_next, drained}
 """
 
 # KEYS: stream, stats ; ARGV: group, counter ('acked' | 'dropped_stale'), ids...

@@ -9,7 +9,9 @@ the entry pending and a restarted (or other) consumer gets it again.
 Entry layout: ``gid`` (group id), ``pv`` (policy version) and ``d`` (the
 :func:`services.codec.encode_group` bytes). Settled entries (acked, dead
 or dropped as stale) are deleted from the stream, so Redis memory is bounded
-by ``max_depth`` plus what the learner holds.
+by ``max_depth`` plus what the learner holds. Each push also leaves one tiny
+entry in ``<stream>:tick`` (trimmed to the newest), which an idle reader
+blocks on instead of on the stream, whose new entry it would be sent whole.
 
 Counters (hash ``<stream>:stats``), each changed by a Lua script in the same
 atomic step as the stream operation it counts (see ``scripts.py``):
@@ -93,6 +95,7 @@ class TrajectoryBuffer:
         self.k_dead = f"{cfg.stream}:dead"
         self.k_seen = f"{cfg.stream}:seen"
         self.k_seen_t = f"{cfg.stream}:seen:t"
+        self.k_tick = f"{cfg.stream}:tick"  # one tiny entry per push: what an idle reader waits on
         self._r = connect_redis(url, timeout_s=cfg.reconnect_timeout_s)
         self._push = self._r.register_script(scripts.PUSH)
         self._read = self._r.register_script(scripts.READ)
@@ -103,6 +106,7 @@ class TrajectoryBuffer:
         self._inflight: dict[str, float] = {}  # msg id -> local time of delivery
         self._claim_cursor = "0-0"
         self._own_from = "0"  # first read recovers this consumer's own pending list
+        self._drained_at = ""  # tick id at which the last read left nothing behind ('': not known)
         self._ensure_group()
 
     # ------------------------------------------------------------------ plumbing
@@ -131,7 +135,7 @@ class TrajectoryBuffer:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if what == "read":
                     # The reply may be lost after the server assigned entries to us: recover them.
-                    self._own_from = "0"
+                    self._own_from, self._drained_at = "0", ""
                 if time.monotonic() + delay > deadline:
                     raise RedisUnavailableError(
                         f"buffer {what}: Redis at {redact_url(self.url)} unreachable for "
@@ -179,7 +183,7 @@ class TrajectoryBuffer:
             now = time.time()
             args = [self.cfg.group, group.group_id, int(group.policy_version), payload,
                     self.cfg.max_depth, repr(now), repr(now - self.cfg.dedupe_window_s)]
-            keys = [self.stream, self.k_stats, self.k_seen, self.k_seen_t]
+            keys = [self.stream, self.k_stats, self.k_seen, self.k_seen_t, self.k_tick]
             status, value = self._call("push", lambda a=args, k=keys: self._push(keys=k, args=a))
             status, value = _s(status), _s(value)
             if status == "ok":
@@ -223,40 +227,45 @@ class TrajectoryBuffer:
         a restart), entries of consumers idle longer than ``claim_idle_ms``,
         then new entries. Malformed entries go to ``<stream>:dead`` with the
         reason and are never returned.
+
+        Waiting: when the previous read got fewer entries than it asked for,
+        nothing was left behind, and new entries come with a push, which adds
+        a tick after the one that read saw. So a blocking read first waits for
+        such a tick and then reads once: a learner that keeps up saves an empty
+        read per group. The wait is capped so that entries of a dead consumer
+        (claimable without any push) and entries written around push are still
+        found.
         """
         if max_groups < 1:
             raise ValueError(f"max_groups must be >= 1, got {max_groups}")
         deadline = time.monotonic() + max(0, block_ms) / 1000.0
         while True:
-            self._touch_if_old()
-            again, fresh, last = self._call("read", lambda: self._read_once(max_groups))
-            out = self._decode_all(again, redelivered=True) + self._decode_all(fresh, redelivered=False)
-            if out:
-                return out
             left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            if again or fresh:
-                continue  # everything was dead-lettered: look again at once
-            # Wait for a new entry, but wake up periodically: pending entries of a
-            # dead consumer become claimable without any new XADD.
-            wait = min(left, max(0.05, min(1.0, self.cfg.claim_idle_ms / 2000.0)))
-            if last:
-                self._call("wait", lambda w=wait, lid=last: self._r.xread(
-                    {self.stream: lid}, count=1, block=max(1, int(w * 1000))))
-            else:
-                time.sleep(wait)
+            if self._drained_at and left > 0:
+                self._wait_for_tick(self._drained_at, left)
+            self._touch_if_old()
+            again, fresh = self._call("read", lambda: self._read_once(max_groups))
+            out = self._decode_all(again, redelivered=True) + self._decode_all(fresh, redelivered=False)
+            if out or time.monotonic() >= deadline:
+                return out
 
-    def _read_once(self, count: int) -> tuple[list, list, str]:
+    def _wait_for_tick(self, after: str, left: float) -> None:
+        """Block until a push adds a tick after ``after`` (the tick stream, not the stream: XREAD would
+        send the whole new entry), for at most ``left`` s and the periodic cap."""
+        wait = min(left, max(0.05, min(1.0, self.cfg.claim_idle_ms / 2000.0)))
+        self._call("wait", lambda: self._r.xread({self.k_tick: after}, count=1, block=max(1, int(wait * 1000))))
+
+    def _read_once(self, count: int) -> tuple[list, list]:
         own_from = self._own_from
         res = self._read(
-            keys=[self.stream, self.k_stats],
+            keys=[self.stream, self.k_stats, self.k_tick],
             args=[self.cfg.group, self.consumer, count, int(self.cfg.claim_idle_ms), self._claim_cursor, own_from],
         )
-        again, fresh, cursor, own_next, last = res
+        again, fresh, cursor, own_next, drained_at = res
         self._claim_cursor = _s(cursor)
         self._own_from = _s(own_next)
-        return list(again or []), list(fresh or []), _s(last)
+        self._drained_at = _s(drained_at)
+        return list(again or []), list(fresh or [])
 
     def _decode_all(self, entries: Sequence[Any], redelivered: bool) -> list[Delivery]:
         out: list[Delivery] = []

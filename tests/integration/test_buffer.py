@@ -108,6 +108,32 @@ def test_read_blocks_until_a_push(buf, buffer_cfg, redis_url):
     assert_balanced(buf)
 
 
+def test_drained_reader_waits_for_the_push_tick_then_reads_once(buf, buffer_cfg, redis_url):
+    # After a read that left nothing behind, read waits on <stream>:tick (not on the
+    # stream, whose new entry XREAD would send whole) and then reads once: no empty read.
+    producer = TrajectoryBuffer(buffer_cfg, redis_url, consumer="producer")
+    producer.push(small_group(seed=1))
+    first = buf.read(4, block_ms=1000)  # 1 of 4: drained
+    assert len(first) == 1
+    reads = []
+    read_once = buf._read_once
+    buf._read_once = lambda n: reads.append(n) or read_once(n)
+    timer = threading.Timer(0.2, producer.push, args=(small_group(seed=2),))
+    t0 = time.monotonic()
+    timer.start()
+    got = buf.read(4, block_ms=10_000)
+    waited = time.monotonic() - t0
+    timer.join()
+    assert len(got) == 1 and len(reads) == 1
+    assert 0.15 <= waited < 0.9, waited  # woken by the tick, not by the 1 s periodic wake-up
+    client = connect_redis(redis_url)
+    assert client.xlen(f"{buffer_cfg.stream}:tick") == 1  # trimmed to the newest
+    client.close()
+    producer.close()
+    buf.ack([d.msg_id for d in first + got])
+    assert_balanced(buf)
+
+
 def test_malformed_entries_go_to_dead_letter_and_reading_goes_on(buf):
     good = [small_group(seed=i) for i in range(3)]
     r = buf._r
