@@ -410,7 +410,15 @@ def _validate_limits(cfg: TrainConfig, check) -> None:
     check(lr.grad_clip > 0 and lr.weight_decay >= 0 and lr.warmup_steps >= 0,
           "learner.grad_clip must be > 0, learner.weight_decay and learner.warmup_steps >= 0")
     check(lr.num_cpus >= 0 and lr.num_gpus >= 0, "learner.num_cpus and learner.num_gpus must be >= 0")
-    check(s.temperature >= 0 and s.eval_temperature >= 0, "sampling.temperature and eval_temperature must be >= 0")
+    check(s.temperature > 0 and s.eval_temperature >= 0,
+          "sampling.temperature must be > 0 (the policy RL trains samples) and sampling.eval_temperature >= 0")
+    # The PPO ratio's old log-probs must be those of the distribution that sampled: the engine's raw
+    # log-probs are the temperature-1 model's, its processed ones the temperature-scaled (and top-p cut) one's.
+    check(s.temperature == 1.0 or cfg.serving.logprobs_mode == "processed_logprobs" or cfg.learner.recompute_old_logprobs,
+          f"sampling.temperature={s.temperature} needs serving.logprobs_mode=processed_logprobs "
+          "(or learner.recompute_old_logprobs=true, sync mode only): raw log-probs are of the temperature-1 policy")
+    check(s.top_p == 1.0 or not cfg.serving.logprobs_mode.startswith("processed"),
+          "sampling.top_p < 1 with processed log-probs: the learner cannot reproduce the top-p cut; use top_p=1")
     check(0 < s.top_p <= 1, f"sampling.top_p must be in (0, 1], got {s.top_p}")
     check(cfg.env.step_timeout_s > 0, f"env.step_timeout_s must be > 0, got {cfg.env.step_timeout_s}")
     check(cfg.env.max_action_chars >= 1, "env.max_action_chars must be >= 1")

@@ -235,7 +235,7 @@ class TrainingRun:
             num_cpus=c.learner.num_cpus, num_gpus=gpus, name=f"proxmo-learner-{c.run_name}", max_restarts=0,
         ).remote(self.model_cfg.path, c.learner, c.algorithm, c.loss, c.buffer, self.buffer_url, self.policy,
                  str(self.out / "checkpoints"), checkpoint_every=c.checkpoint_every, dtype=c.model.dtype,
-                 torch_threads=(c.learner.torch_threads or max(1, int(round(c.learner.num_cpus)))) if gpus == 0 else 0)
+                 temperature=c.sampling.temperature, torch_threads=(c.learner.torch_threads or max(1, int(round(c.learner.num_cpus)))) if gpus == 0 else 0)
 
     def _make_worker(self, wid: str):
         import ray

@@ -127,8 +127,11 @@ def _decoder_and_head(model):
         return None, None
 
 
-def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None):
-    """Log-prob of each next token [B, L-1] (and the policy entropy there).
+def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None, temperature: float = 1.0):
+    """Log-prob of each next token [B, L-1] under softmax(logits / temperature) (and its entropy).
+
+    ``temperature`` is the sampling temperature of the rollouts: the policy that sampled
+    the tokens, and the one the update trains, is the temperature-scaled model.
 
     With ``mask`` [B, L-1] (the response positions), the output head and the
     softmax run on those positions only and every other position is 0: prompts
@@ -139,7 +142,7 @@ def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None):
     decoder, head = _decoder_and_head(model) if mask is not None else (None, None)
     if decoder is None:
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(logits / temperature, dim=-1)
         chosen = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
         if mask is not None:
@@ -148,7 +151,7 @@ def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None):
         return chosen, entropy
     hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     where = mask.nonzero(as_tuple=True)
-    logp = torch.log_softmax(head(hidden[where]).float(), dim=-1)  # [N, V], N = response tokens
+    logp = torch.log_softmax(head(hidden[where]).float() / temperature, dim=-1)  # [N, V], N = response tokens
     picked = logp.gather(-1, ids[:, 1:][where].unsqueeze(-1)).squeeze(-1)
     chosen = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(where, picked)
     entropy = None
@@ -171,12 +174,15 @@ class Learner:
     """Owns the policy being trained, its optimizer, and the frozen reference policy."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AdvantageConfig, loss: LossConfig,
-                 *, dtype: str = "float32"):
+                 *, dtype: str = "float32", temperature: float = 1.0):
         from transformers import AutoModelForCausalLM
 
         if not Path(model_path, "config.json").is_file():
             raise FileNotFoundError(f"model path {model_path!r} is not a Hugging Face model folder (no config.json)")
+        if not temperature > 0:
+            raise ValueError(f"the sampling temperature the learner trains must be > 0, got {temperature}")
         self.cfg, self.algorithm, self.loss_cfg = cfg, algorithm, loss
+        self.temperature = float(temperature)  # sampling.temperature: the policy is softmax(logits / T)
         self.model_path = str(model_path)
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -254,7 +260,8 @@ class Learner:
 
     def _micro_step(self, steps: list[RowTokens], adv: np.ndarray, n_rows: int, total_tokens: float):
         ids, attn, resp = _pad_batch(steps, self.device)
-        logp, entropy = token_logprobs(self.model, ids, attn, with_entropy=self.loss_cfg.entropy_coef > 0, mask=resp)
+        logp, entropy = token_logprobs(self.model, ids, attn, with_entropy=self.loss_cfg.entropy_coef > 0, mask=resp,
+                                       temperature=self.temperature)
         if self.cfg.recompute_old_logprobs:
             old = logp.detach()
         else:
@@ -262,7 +269,7 @@ class Learner:
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref, _ = token_logprobs(self.ref_model, ids, attn, mask=resp)
+                ref, _ = token_logprobs(self.ref_model, ids, attn, mask=resp, temperature=self.temperature)
         adv_t = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
         out = policy_loss(logp, old, adv_t, resp.float(), ref_logprobs=ref, entropy=entropy, cfg=self.loss_cfg)
         n_tok = float(resp.sum())

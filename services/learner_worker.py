@@ -32,14 +32,14 @@ class LearnerWorker:
     def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AdvantageConfig, loss: LossConfig,
                  buffer_cfg: BufferConfig, buffer_url: str, policy, checkpoint_dir: str,
                  *, checkpoint_every: int = 1, consumer: str = "learner-0", dtype: str = "float32",
-                 torch_threads: int = 0):
+                 torch_threads: int = 0, temperature: float = 1.0):
         import torch
 
         from services.buffer import TrajectoryBuffer
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.learner = Learner(model_path, cfg, algorithm, loss, dtype=dtype)
+        self.learner = Learner(model_path, cfg, algorithm, loss, dtype=dtype, temperature=temperature)
         self.buffer = TrajectoryBuffer(buffer_cfg, buffer_url, consumer=consumer)
         self.policy = policy
         self.checkpoint_dir = Path(checkpoint_dir)

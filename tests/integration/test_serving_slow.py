@@ -97,3 +97,37 @@ def test_tied_embeddings_logprobs_match_after_updates(tmp_path):
             await server.close()
 
     asyncio.run(scenario())
+
+
+def test_processed_logprobs_at_temperature_match_the_learner(tiny_model_dir):
+    """sampling.temperature != 1: the engine's processed log-probs are the learner's softmax(logits / T)."""
+    pytest.importorskip("vllm")
+    import numpy as np
+    import torch
+
+    from services.config import ModelConfig, ServingConfig
+    from services.learner import _pad_batch, token_logprobs
+    from services.learner import RowTokens
+    from services.serving.server import PolicyServer
+
+    temperature = 0.7
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22, 23]]
+
+    async def sample():
+        server = PolicyServer(ModelConfig(path=str(tiny_model_dir), tiny=False),
+                              ServingConfig(gpu_memory_utilization=0.1, logprobs_mode="processed_logprobs"))
+        try:
+            return [await server.generate(p, {**SAMPLING, "temperature": temperature}) for p in prompts]
+        finally:
+            await server.close()
+
+    outs = asyncio.run(sample())
+    model = hf_model(tiny_model_dir)
+    rows = [RowTokens(np.array(p, np.int32), np.array(o["token_ids"], np.int32), np.array(o["logprobs"], np.float32))
+            for p, o in zip(prompts, outs)]
+    ids, attn, resp = _pad_batch(rows, torch.device("cpu"))
+    for t, close in ((temperature, True), (1.0, False)):
+        with torch.no_grad():
+            lp, _ = token_logprobs(model, ids, attn, mask=resp, temperature=t)
+        err = max(float(np.abs(lp[i][resp[i]].numpy() - r.logprobs).max()) for i, r in enumerate(rows))
+        assert (err < 1e-3) is close, f"T={t}: max |logprob diff| {err:.2e}"

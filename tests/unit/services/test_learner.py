@@ -179,3 +179,21 @@ def test_mini_batches_take_one_optimizer_step_each_and_are_reproducible(model_di
     assert a.step == b.step == 3 and one.step == 1
     assert torch.equal(_params(a), _params(b))  # the random split is seeded by the step count
     assert not torch.equal(_params(a), _params(one))
+
+
+def test_logprobs_follow_the_sampling_temperature(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from services.learner import RowTokens, _pad_batch, token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [RowTokens(np.array([5, 6, 7, 8], np.int32), np.array([9, 10, 11], np.int32), np.zeros(3, np.float32))]
+    ids, attn, resp = _pad_batch(rows, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        for t in (0.5, 1.0, 2.0):
+            want = torch.log_softmax(logits / t, -1).gather(-1, ids[:, 1:, None])[..., 0][resp]
+            got, ent = token_logprobs(model, ids, attn, with_entropy=True, mask=resp, temperature=t)
+            assert torch.allclose(got[resp], want, atol=1e-5)
+    with pytest.raises(ValueError, match="must be > 0"):
+        Learner(model_dir, LearnerConfig(), AdvantageConfig(), LossConfig(), temperature=0.0)
