@@ -229,6 +229,8 @@ class Learner:
             return metrics | {"skipped": 1.0}
         resp_len = np.array([len(s.response_ids) for s in rows.steps])
         length = resp_len + np.array([len(s.prompt_ids) for s in rows.steps])
+        if self.cfg.recompute_old_logprobs:
+            self._recompute_old_logprobs(rows, trainable, length)
         n_mini = max(1, min(self.cfg.ppo_mini_batches, len(trainable)))
         for _ in range(self.cfg.ppo_epochs):
             order = np.random.default_rng([self.cfg.seed, self.step]).permutation(trainable) if n_mini > 1 else trainable
@@ -258,14 +260,27 @@ class Learner:
                         "response_tokens": total_tokens})
         return metrics
 
+    @torch.no_grad()
+    def _recompute_old_logprobs(self, rows: Rows, trainable: np.ndarray, length: np.ndarray) -> None:
+        """Replace the sampler's log-probs by this model's, once, before the first optimizer step.
+
+        Every mini-batch and epoch of the update then takes its ratio against the same
+        pre-update policy (recomputing them inside each micro-step would make every ratio 1
+        and switch the clipping off).
+        """
+        idx = trainable[np.argsort(length[trainable], kind="stable")]
+        for start in range(0, len(idx), self.cfg.micro_batch_size):
+            mb = idx[start : start + self.cfg.micro_batch_size]
+            ids, attn, resp = _pad_batch([rows.steps[i] for i in mb], self.device)
+            logp, _ = token_logprobs(self.model, ids, attn, mask=resp, temperature=self.temperature)
+            for j, i in enumerate(mb):
+                rows.steps[i] = rows.steps[i]._replace(logprobs=logp[j][resp[j]].float().cpu().numpy())
+
     def _micro_step(self, steps: list[RowTokens], adv: np.ndarray, n_rows: int, total_tokens: float):
         ids, attn, resp = _pad_batch(steps, self.device)
         logp, entropy = token_logprobs(self.model, ids, attn, with_entropy=self.loss_cfg.entropy_coef > 0, mask=resp,
                                        temperature=self.temperature)
-        if self.cfg.recompute_old_logprobs:
-            old = logp.detach()
-        else:
-            old = _scatter_response([s.logprobs for s in steps], resp)
+        old = _scatter_response([s.logprobs for s in steps], resp)
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():

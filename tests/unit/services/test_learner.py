@@ -62,7 +62,7 @@ def _params(learner: Learner) -> torch.Tensor:
 
 
 def _learner(model_dir, **kw) -> Learner:
-    cfg = LearnerConfig(lr=1e-3, micro_batch_size=kw.pop("micro_batch_size", 4), seed=0, **kw)
+    cfg = LearnerConfig(lr=kw.pop("lr", 1e-3), micro_batch_size=kw.pop("micro_batch_size", 4), seed=0, **kw)
     return Learner(model_dir, cfg, AdvantageConfig(estimator="proxmo"), LossConfig())
 
 
@@ -197,3 +197,20 @@ def test_logprobs_follow_the_sampling_temperature(model_dir):
             assert torch.allclose(got[resp], want, atol=1e-5)
     with pytest.raises(ValueError, match="must be > 0"):
         Learner(model_dir, LearnerConfig(), AdvantageConfig(), LossConfig(), temperature=0.0)
+
+
+def test_recomputed_old_logprobs_are_the_pre_update_policy_for_every_mini_batch(model_dir):
+    """learner.recompute_old_logprobs: later mini-batches see ratios off 1 (clipping stays on),
+    and the update equals one whose sampler log-probs were this model's to begin with."""
+    groups = _groups(model_dir)  # sampler log-probs = the model's own
+    zeroed = _groups(model_dir)
+    for g in zeroed:
+        for e in g.episodes:
+            for s in e.steps:
+                s.logprobs = np.zeros_like(s.logprobs)  # what the learner must not use
+    sampler = _learner(model_dir, ppo_mini_batches=3, lr=5e-2)
+    recompute = _learner(model_dir, ppo_mini_batches=3, lr=5e-2, recompute_old_logprobs=True)
+    m_sampler, m_recompute = sampler.update(groups), recompute.update(zeroed)
+    assert abs(m_recompute["loss/ratio_mean"] - 1.0) > 1e-3  # the last mini-batch: off-policy by 2 steps
+    assert m_recompute["loss/ratio_mean"] == pytest.approx(m_sampler["loss/ratio_mean"], abs=1e-5)
+    assert torch.allclose(_params(sampler), _params(recompute), atol=1e-6)
