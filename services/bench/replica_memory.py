@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round={i + 1} replica_uss_mb={samples[-1]:.1f}", flush=True)
                 if args.trace and i + 1 == 20:
                     dep.handle.memory_trace.remote("start").result()
-        if args.trace:
-            print("python allocations grown in the replica since round 20 (tracemalloc):")
-            for line in dep.handle.memory_trace.remote("diff", 25).result():
-                print("  " + line)
+                elif args.trace:  # at every sample, so a run cut short still tells
+                    print("python allocations grown in the replica since round 20 (tracemalloc):")
+                    for line in dep.handle.memory_trace.remote("diff", 12).result():
+                        print("  " + line, flush=True)
     finally:
         dep.shutdown()
         ray.shutdown()
