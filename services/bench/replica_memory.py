@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                     print("python allocations grown in the replica since round 20 (tracemalloc):")
                     for line in dep.handle.memory_trace.remote("diff", 12).result():
                         print("  " + line, flush=True)
+                    for line in dep.handle.memory_trace.remote("logging").result():
+                        print("  " + line, flush=True)
     finally:
         dep.shutdown()
         ray.shutdown()

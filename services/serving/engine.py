@@ -48,8 +48,26 @@ def cpu_engine_env(serving_cfg: ServingConfig) -> None:
     os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(serving_cfg.onednn_cache_capacity)
 
 
+def keep_host_logging() -> None:
+    """Stop vLLM from re-configuring Python logging in this process (call before vLLM is imported).
+
+    On import vLLM runs ``logging.config.dictConfig``, which closes every handler that exists.
+    Inside a Serve replica that closes Serve's ``MemoryHandler``: its target becomes None, so it
+    never flushes again and keeps every later log record (one access-log line per request,
+    ~3 KB) for the life of the replica. That was the replica's memory growth in the session-3
+    soak (issue 9), and the replica's log file stopped at engine start. With
+    ``VLLM_CONFIGURE_LOGGING=0`` vLLM's loggers propagate to the host's handlers instead (warnings
+    and errors still reach stderr). A value the user set is kept.
+    """
+    import sys
+
+    if "vllm" not in sys.modules:
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+
 def engine_args(model_cfg: ModelConfig, serving_cfg: ServingConfig) -> Any:
     """AsyncEngineArgs for this model and serving config (on CPU also sets the engine env, see cpu_engine_env)."""
+    keep_host_logging()
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     extra: dict[str, Any] = {}
@@ -87,6 +105,7 @@ class VLLMEngine:
     """vLLM ``AsyncLLM`` with the few calls a PolicyServer needs."""
 
     def __init__(self, model_cfg: ModelConfig, serving_cfg: ServingConfig) -> None:
+        keep_host_logging()
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.model_cfg = model_cfg

@@ -263,7 +263,8 @@ class PolicyServer:
         """Diagnostics, reachable through the deployment handle only (no HTTP route).
 
         ``start``: begin tracemalloc (10 frames) and keep a baseline snapshot; ``diff``: the
-        ``top`` allocation sites that grew most since the baseline, one line each; ``stop``.
+        ``top`` allocation sites that grew most since the baseline, one line each; ``stop``;
+        ``logging``: the Serve logger's handlers, whether their target is open and what they buffer.
         Used by ``proxmo bench replica-memory --trace`` (issue 9).
         """
         import tracemalloc
@@ -272,12 +273,18 @@ class PolicyServer:
             tracemalloc.start(10)
             self._trace_base = tracemalloc.take_snapshot()
             return []
+        if op == "logging":  # what issue 9's replica growth was: a closed MemoryHandler buffering forever
+            import logging.handlers
+
+            return [f"{type(h).__name__} buffered={len(h.buffer)} capacity={h.capacity} "
+                    f"target={'open' if h.target is not None else 'closed'}"
+                    for h in logging.getLogger("ray.serve").handlers if isinstance(h, logging.handlers.MemoryHandler)]
         if op == "stop":
             tracemalloc.stop()
             self._trace_base = None
             return []
         if op != "diff" or getattr(self, "_trace_base", None) is None:
-            raise ValueError(f"memory_trace: {op!r} needs 'start' first (ops: start, diff, stop)")
+            raise ValueError(f"memory_trace: {op!r} needs 'start' first (ops: start, diff, stop, logging)")
         snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
         lines = []
         for st in snap.compare_to(self._trace_base, "traceback")[:top]:

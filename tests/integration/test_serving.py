@@ -204,3 +204,14 @@ def test_per_prompt_seeds_repeat_samples_whatever_the_batch(policy_app):
         assert responses[0] != responses[2]
     finally:
         worker.close()
+
+
+def test_replica_keeps_serves_log_handler_open_after_the_engine_starts(policy_app):
+    """vLLM's logging setup used to close Serve's MemoryHandler: every later request's access-log
+    record stayed buffered in the replica for good (~3 KB each, issue 9)."""
+    policy_app.client.generate([[5, 6, 7]] * 8, {**SAMPLING, "max_tokens": 2})
+    handlers = policy_app.deployment.handle.memory_trace.remote("logging").result()
+    assert handlers, "the replica's Serve logger has no MemoryHandler"
+    for line in handlers:
+        fields = dict(kv.split("=") for kv in line.split()[1:])
+        assert fields["target"] == "open" and int(fields["buffered"]) <= int(fields["capacity"]), line
