@@ -283,8 +283,10 @@ class PolicyServer:
             tracemalloc.stop()
             self._trace_base = None
             return []
-        if op != "diff" or getattr(self, "_trace_base", None) is None:
-            raise ValueError(f"memory_trace: {op!r} needs 'start' first (ops: start, diff, stop, logging)")
+        if op != "diff":
+            raise ValueError(f"memory_trace: unknown op {op!r} (ops: start, diff, stop, logging)")
+        if getattr(self, "_trace_base", None) is None:
+            raise ValueError("memory_trace: 'diff' needs 'start' first")
         snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
         lines = []
         for st in snap.compare_to(self._trace_base, "traceback")[:top]:
