@@ -235,14 +235,12 @@ class Learner:
         for _ in range(self.cfg.ppo_epochs):
             order = np.random.default_rng([self.cfg.seed, self.step]).permutation(trainable) if n_mini > 1 else trainable
             for part in np.array_split(order, n_mini):
-                # Micro-batches of similar lengths pad less; the token-mean loss does not depend on the split.
-                idx = part[np.argsort(length[part], kind="stable")]
-                total_tokens = float(resp_len[idx].sum())
+                # The token-mean loss does not depend on the micro-batch split.
+                total_tokens = float(resp_len[part].sum())
                 self.optimizer.zero_grad(set_to_none=True)
                 agg = {}
-                for start in range(0, len(idx), self.cfg.micro_batch_size):
-                    mb = idx[start : start + self.cfg.micro_batch_size]
-                    out, n_tok = self._micro_step([rows.steps[i] for i in mb], adv.advantages[mb], len(idx), total_tokens)
+                for mb in self._micro_batches(part, length):
+                    out, n_tok = self._micro_step([rows.steps[i] for i in mb], adv.advantages[mb], len(part), total_tokens)
                     for k, v in out.items():
                         agg[k] = agg.get(k, 0.0) + v * n_tok / total_tokens
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -260,6 +258,11 @@ class Learner:
                         "response_tokens": total_tokens})
         return metrics
 
+    def _micro_batches(self, idx: np.ndarray, length: np.ndarray) -> list[np.ndarray]:
+        """``idx`` sorted by sequence length, cut into micro-batches (similar lengths pad less)."""
+        idx = idx[np.argsort(length[idx], kind="stable")]
+        return [idx[i : i + self.cfg.micro_batch_size] for i in range(0, len(idx), self.cfg.micro_batch_size)]
+
     @torch.no_grad()
     def _recompute_old_logprobs(self, rows: Rows, trainable: np.ndarray, length: np.ndarray) -> None:
         """Replace the sampler's log-probs by this model's, once, before the first optimizer step.
@@ -268,9 +271,7 @@ class Learner:
         pre-update policy (recomputing them inside each micro-step would make every ratio 1
         and switch the clipping off).
         """
-        idx = trainable[np.argsort(length[trainable], kind="stable")]
-        for start in range(0, len(idx), self.cfg.micro_batch_size):
-            mb = idx[start : start + self.cfg.micro_batch_size]
+        for mb in self._micro_batches(trainable, length):
             ids, attn, resp = _pad_batch([rows.steps[i] for i in mb], self.device)
             logp, _ = token_logprobs(self.model, ids, attn, mask=resp, temperature=self.temperature)
             for j, i in enumerate(mb):
