@@ -52,6 +52,13 @@ class EnvConfig:
     # "none" (paper): the env plays the text as written and usually answers that it did not understand.
     action_projection: str = "none"
     projection_min_ratio: float = 0.0  # below this similarity the text is played as written
+    # "index": the prompt numbers the admissible actions ("1 take apple | 2 look around") and the
+    # model answers with a number (<action>2</action>), which the env resolves to that action
+    # (info["action"]; the rollout records and shows the resolved text). The choice is then one
+    # token, as in choice-based text-game agents (DRRN, He et al. 2016), so a small model does not
+    # have to spell object names. An answer that is not a listed number is read as text (and
+    # projected when action_projection says so). "text" (paper): the model writes the action.
+    action_format: str = "text"
     data_path: str = ""  # ALFWorld / WebShop data folder (empty: the env's own default)
     options: dict[str, Any] = field(default_factory=dict)  # adapter-specific extras
 
@@ -361,6 +368,8 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.env.action_projection in ("none", "nearest"),
           f"env.action_projection must be 'none' or 'nearest', got {cfg.env.action_projection!r}")
     check(0.0 <= cfg.env.projection_min_ratio <= 1.0, "env.projection_min_ratio must be in [0, 1]")
+    check(cfg.env.action_format in ("text", "index"),
+          f"env.action_format must be 'text' or 'index', got {cfg.env.action_format!r}")
     r = cfg.rollout
     check(r.group_size >= 1, "rollout.group_size must be >= 1")
     check(r.envs_per_worker >= 1, "rollout.envs_per_worker must be >= 1")

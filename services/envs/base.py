@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.config import EnvConfig
+from services.envs.protocol import resolve_choice
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,11 @@ class TextEnv(ABC):
         if self._done:
             raise TaskError("step() after the episode ended; call reset()")
         action = (action or "").strip()
+        # env.action_format=index: a listed number plays that action (the list the prompt showed).
+        chosen = resolve_choice(action, self._admissible) if self.cfg.action_format == "index" else None
+        choice = None
+        if chosen is not None:
+            choice, action = int(action), chosen
         was_admissible = self.is_admissible(action.lower())
         projected_from = None
         if was_admissible is False and self.cfg.action_projection == "nearest":
@@ -156,6 +162,8 @@ class TextEnv(ABC):
         info.pop("done", None)
         if projected_from is not None:
             info.update(projected_from=projected_from, action=action)
+        elif choice is not None:
+            info.update(choice=choice, action=action)
         return StepResult(obs, WIN_REWARD if won else 0.0, self._done, info)
 
     def is_admissible(self, action: str) -> bool | None:

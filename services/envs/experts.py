@@ -25,7 +25,7 @@ from typing import Any
 
 from services.config import EnvConfig, apply_overrides, from_dict, to_dict
 from services.envs.base import TextEnv, make_env
-from services.envs.protocol import build_messages, format_response
+from services.envs.protocol import answer_for, build_messages, format_response
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def run_expert(env: TextEnv, task, cfg: EnvConfig) -> tuple[list[dict], bool, in
     for step, raw in enumerate(plan):
         action = " ".join(raw.split()).lower()
         messages = build_messages(desc, history, obs, admissible, step, cfg)
-        examples.append({"messages": messages, "response": format_response(action),
+        examples.append({"messages": messages, "response": format_response(answer_for(action, admissible, cfg)),
                          "task_type": task.task_type, "task_id": task.task_id, "step": step})
         res = env.step(action)
         history.append((obs, action))

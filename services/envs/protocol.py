@@ -9,6 +9,10 @@ instruction to reason inside ``<think></think>`` and answer inside
 family is deliberately terse because the CPU quick start trains a ~1M-parameter
 model on ~175-token prompts.
 
+With ``env.action_format=index`` the admissible actions are numbered in the
+prompt and the answer is a number (:func:`answer_for`, :func:`resolve_choice`);
+the environment plays the action it names (``TextEnv.step``).
+
 Parser (paper): lowercase, take the first ``<action>...</action>``; the turn is
 *invalid* when the tag is missing, the text contains CJK characters, or the
 action is empty or longer than ``max_chars``. Invalid turns get ``action=""``;
@@ -61,6 +65,36 @@ def parse_action(text: str, max_chars: int) -> ParsedAction:
 def format_response(action: str, think: str = "") -> str:
     """The target string for supervised warm-start (and what a perfect model emits)."""
     return f"<think>{think}</think><action>{action}</action>"
+
+
+def answer_for(action: str, admissible_actions: list[str], cfg: EnvConfig) -> str:
+    """What the model should write inside ``<action>`` to play ``action``.
+
+    With ``cfg.action_format == "index"`` that is the action's 1-based number in
+    the list the prompt shows, or the text itself when it is not listed (an
+    expert action the env does not list; :func:`resolve_choice` reads text too).
+    """
+    if cfg.action_format == "index":
+        lowered = [a.lower() for a in admissible_actions]
+        if action.lower() in lowered:
+            return str(lowered.index(action.lower()) + 1)
+    return action
+
+
+def resolve_choice(answer: str, admissible_actions: list[str]) -> str | None:
+    """The admissible action a numbered answer picks ("2" -> the second), else None."""
+    text = answer.strip()
+    if text.isdigit() and text.isascii():
+        k = int(text)
+        if 1 <= k <= len(admissible_actions):
+            return admissible_actions[k - 1]
+    return None
+
+
+def _action_list(admissible: list[str], cfg: EnvConfig, sep: str, quote: bool) -> str:
+    if cfg.action_format == "index":
+        return sep.join(f"{i} {a}" for i, a in enumerate(admissible, 1))
+    return sep.join(f"'{a}'" if quote else a for a in admissible)
 
 
 # --------------------------------------------------------------------------- templates
@@ -121,9 +155,14 @@ def build_messages(task_description: str, history: list[tuple[str, str]], observ
         for i, (obs, act) in enumerate(recent):
             parts.append(f"[step {start + i}] observation: {_cut(obs, cfg.obs_chars)}\naction: {act}")
     parts.append(f"Now, at step {step + 1}, you observe: {observation.strip()}")
-    parts.append("Admissible actions: [" + ", ".join(f"'{a}'" for a in admissible_actions) + "]")
-    parts.append("Think step by step inside <think> </think>, then write one admissible action "
-                 "inside <action> </action>.")
+    if cfg.action_format == "index":
+        parts.append("Admissible actions, numbered: " + _action_list(admissible_actions, cfg, "; ", False))
+        parts.append("Think step by step inside <think> </think>, then write the number of one "
+                     "admissible action inside <action> </action>.")
+    else:
+        parts.append("Admissible actions: [" + _action_list(admissible_actions, cfg, ", ", True) + "]")
+        parts.append("Think step by step inside <think> </think>, then write one admissible action "
+                     "inside <action> </action>.")
     return [{"role": "system", "content": _SYSTEM["generic"]},
             {"role": "user", "content": "\n".join(parts)}]
 
@@ -134,5 +173,5 @@ def _twc_user(task: str, recent: list[tuple[str, str]], observation: str,
     for obs, act in recent:
         lines.append(f"Saw: {_cut(obs, cfg.obs_chars)}\nDid: {act}")
     lines.append(f"Now: {' '.join(observation.split())}")
-    lines.append("Actions: " + " | ".join(admissible))
+    lines.append("Actions: " + _action_list(admissible, cfg, " | ", False))
     return "\n".join(lines)

@@ -165,6 +165,38 @@ def test_projection_plays_the_nearest_admissible_action_and_says_so():
     assert seen["nearest"] == ("played Take striped bed sheet", "take striped duvet", "take striped bed sheet")
 
 
+def test_index_format_numbers_the_list_and_answers_with_a_number():
+    from services.envs.protocol import answer_for, resolve_choice
+
+    acts = ["take cup", "Look around", "open fridge"]
+    twc = EnvConfig(action_format="index")
+    user = build_messages("put things away", [], "kitchen", acts, 0, twc)[1]["content"]
+    assert "Actions: 1 take cup | 2 Look around | 3 open fridge" in user
+    generic = build_messages("t", [], "o", acts, 0, EnvConfig(name="alfworld", action_format="index"))[1]["content"]
+    assert "1 take cup; 2 Look around; 3 open fridge" in generic and "number" in generic
+    assert answer_for("look around", acts, twc) == "2"  # case-insensitive match to the listed spelling
+    assert answer_for("eat cup", acts, twc) == "eat cup"  # not listed: the text itself
+    assert answer_for("look around", acts, EnvConfig()) == "look around"  # text format
+    assert resolve_choice(" 3 ", acts) == "open fridge"
+    for bad in ("0", "4", "-1", "2.0", "two", "", "\u0663"):  # out of range, not a plain ASCII number
+        assert resolve_choice(bad, acts) is None
+
+
+def test_index_answers_play_the_listed_action_and_other_answers_are_text():
+    env = _Listed(EnvConfig(action_format="index", action_projection="nearest"))
+    env.reset(env.sample_tasks("train", 1, 0)[0])
+    r = env.step("1")
+    assert r.observation == "played Take striped bed sheet"  # the env's own spelling
+    assert (r.info["admissible"], r.info["choice"], r.info["action"]) == (True, 1, "take striped bed sheet")
+    r = env.step("3")  # not a listed number: read as text, then projected like any inadmissible text
+    assert r.info["admissible"] is False and "choice" not in r.info and r.info["projected_from"] == "3"
+    r = env.step("look around")  # a listed action written out still plays
+    assert r.info["admissible"] is True and r.observation == "played look around"
+    plain = _Listed(EnvConfig())  # text format: a number is just text
+    plain.reset(plain.sample_tasks("train", 1, 0)[0])
+    assert plain.step("1").info["admissible"] is False
+
+
 # --------------------------------------------------------------------------- GuardedEnv
 
 

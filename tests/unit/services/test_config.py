@@ -40,6 +40,7 @@ BAD = [
     (["learner"], "key.path=value"),
     (["mode=sometimes"], "mode must be"),
     (["env.action_projection=closest"], "env.action_projection must be"),
+    (["env.action_format=letter"], "env.action_format must be"),
     (["sampling.temperature=0.7"], "needs serving.logprobs_mode=processed_logprobs"),
     (["sampling.temperature=0"], "sampling.temperature must be > 0"),
     (["sampling.top_p=0.9", "serving.logprobs_mode=processed_logprobs"], "cannot reproduce the top-p cut"),
