@@ -14,12 +14,17 @@ flat at 60 MB). Both slopes are printed.
 
 Output, in ``--out``: ``soak_memory.csv`` (one row per process per sample),
 ``soak_memory.png`` (PSS per process and the total), ``soak_summary.json``.
-A least-squares slope (MB per minute) is fitted per process over the second half
-of the run, where start-up (engine load, caches, JIT) has settled; processes seen
-in fewer than half of those samples (replaced workers) are reported but not fitted.
+Per process, over the second half of the run, where start-up (engine load, caches,
+JIT) has settled, two slopes (MB per minute) are fitted: the *trend*, a Theil-Sen
+line (the median of the slopes between all pairs of samples), which a few transient
+peaks do not move (the learner's allocator peaks during an update, then returns to
+its floor: measured +300 MB for one sample), and the least-squares slope, which
+they do. Processes seen in fewer than half of those samples (replaced workers) are
+reported but not fitted.
 
-Last line: ``soak_max_growth_mb_per_min=<x>``, the largest per-process USS slope
-(the line before it gives the PSS one).
+Last line: ``soak_max_growth_mb_per_min=<x>``, the largest per-process USS trend;
+the lines before it give the PSS trend and the least-squares USS slope.
+``--reanalyse DIR`` prints the same table for an earlier soak's files.
 """
 
 from __future__ import annotations
@@ -138,8 +143,21 @@ def _slope_per_min(ts: list[float], ys: list[float]) -> float:
     return float(np.polyfit(np.asarray(ts) / 60.0, np.asarray(ys), 1)[0])
 
 
+def _trend_per_min(ts: list[float], ys: list[float]) -> float:
+    """Theil-Sen slope: the median of the pairwise slopes (robust to a minority of outlying samples)."""
+    import numpy as np
+
+    t, y = np.asarray(ts, float) / 60.0, np.asarray(ys, float)
+    if len(t) < 3 or t.max() - t.min() <= 0:
+        return float("nan")
+    i, j = np.triu_indices(len(t), k=1)
+    dt = t[j] - t[i]
+    keep = dt > 0
+    return float(np.median((y[j] - y[i])[keep] / dt[keep]))
+
+
 def analyse(samples: list[Sample], metric: str = "pss_mb", t_from: float = 0.0) -> dict[str, Any]:
-    """Per process: first/last/peak MB and the slope over the second half of [t_from, end]."""
+    """Per process: first/last/peak MB and the slopes (trend, least squares) over the second half of [t_from, end]."""
     if not samples:
         raise ValueError("no memory samples were taken")
     t_end = max(s.t_s for s in samples)
@@ -154,23 +172,28 @@ def analyse(samples: list[Sample], metric: str = "pss_mb", t_from: float = 0.0) 
         label = labels.most_common(1)[0][0] if labels else rows[0].label
         late = [r for r in rows if r.t_s >= half]
         fitted = len(late) >= max(3, len(times_2nd) // 2)
-        slope = _slope_per_min([r.t_s for r in late], [getattr(r, metric) for r in late]) if fitted else float("nan")
+        xs, ys = [r.t_s for r in late], [getattr(r, metric) for r in late]
+        slope = _slope_per_min(xs, ys) if fitted else float("nan")
+        trend = _trend_per_min(xs, ys) if fitted else float("nan")
         procs.append({"pid": pid, "label": label, "samples": len(rows),
                       "first_mb": round(getattr(rows[0], metric), 1), "last_mb": round(getattr(rows[-1], metric), 1),
                       "peak_mb": round(max(getattr(r, metric) for r in rows), 1),
-                      "slope_mb_per_min": None if slope != slope else round(slope, 3)})
+                      "slope_mb_per_min": None if slope != slope else round(slope, 3),
+                      "trend_mb_per_min": None if trend != trend else round(trend, 3)})
     totals: dict[float, float] = defaultdict(float)
     for s in samples:
         totals[s.t_s] += getattr(s, metric)
     late_t = [t for t in sorted(totals) if t >= half]
-    total_slope = _slope_per_min(late_t, [totals[t] for t in late_t])
+    total_slope = _trend_per_min(late_t, [totals[t] for t in late_t])  # the sum of all processes, trend
     fitted = [p["slope_mb_per_min"] for p in procs if p["slope_mb_per_min"] is not None]
+    trends = [p["trend_mb_per_min"] for p in procs if p["trend_mb_per_min"] is not None]
     return {"metric": metric, "duration_min": round((t_end - t_from) / 60.0, 2), "samples": len(sorted(totals)),
             "fit_from_min": round(half / 60.0, 2), "start_min": round(t_from / 60.0, 2),
             "processes": sorted(procs, key=lambda p: -p["peak_mb"]),
             "total_first_mb": round(totals[min(totals)], 1), "total_last_mb": round(totals[max(totals)], 1),
             "total_slope_mb_per_min": None if total_slope != total_slope else round(total_slope, 3),
-            "max_growth_mb_per_min": round(max(fitted), 3) if fitted else float("nan")}
+            "max_growth_mb_per_min": round(max(trends), 3) if trends else float("nan"),
+            "max_lsq_growth_mb_per_min": round(max(fitted), 3) if fitted else float("nan")}
 
 
 def write_csv(samples: list[Sample], path: Path) -> None:
@@ -261,17 +284,62 @@ def run_soak(cfg, minutes: float, interval_s: float, out: Path) -> dict[str, Any
     finally:
         sampler.stop()
         run.close()
-    summary = analyse(sampler.samples, t_from=t_train)
-    private = analyse(sampler.samples, metric="uss_mb", t_from=t_train)
-    summary.update(uss=private, max_uss_growth_mb_per_min=private["max_growth_mb_per_min"],
-                   max_pss_growth_mb_per_min=summary["max_growth_mb_per_min"])
-    summary.update(iterations=run.iterations_done, wall_min=round((time.monotonic() - t0) / 60, 2),
-                   run_dir=str(run.out))
     write_csv(sampler.samples, out / "soak_memory.csv")
-    png = plot(sampler.samples, summary, out / "soak_memory.png")
+    extra = {"iterations": run.iterations_done, "wall_min": round((time.monotonic() - t0) / 60, 2),
+             "run_dir": str(run.out), "train_start_s": t_train}
+    return summarise(sampler.samples, t_train, out, extra)
+
+
+def summarise(samples: list[Sample], t_train: float, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Analyse PSS and USS, draw the plot and write ``soak_summary.json`` into ``out``."""
+    summary = analyse(samples, t_from=t_train)
+    private = analyse(samples, metric="uss_mb", t_from=t_train)
+    summary.update(uss=private, max_uss_growth_mb_per_min=private["max_growth_mb_per_min"],
+                   max_uss_lsq_growth_mb_per_min=private["max_lsq_growth_mb_per_min"],
+                   max_pss_growth_mb_per_min=summary["max_growth_mb_per_min"], **extra)
+    png = plot(samples, summary, out / "soak_memory.png")
     summary["png"] = str(png) if png else None
     (out / "soak_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def read_csv(path: Path) -> list[Sample]:
+    """Samples from a ``soak_memory.csv`` that :func:`write_csv` wrote."""
+    with path.open(newline="") as fh:
+        return [Sample(float(r["t_s"]), int(r["pid"]), r["label"], float(r["rss_mb"]), float(r["pss_mb"]),
+                       float(r["uss_mb"])) for r in csv.DictReader(fh)]
+
+
+def _print_report(summary: dict[str, Any], out: Path) -> None:
+    uss = {p["pid"]: p for p in summary["uss"]["processes"]}
+    print(f"{'process':<34} {'pid':>7} {'n':>4} {'first':>8} {'last':>8} {'peak':>8} {'trend':>8} "
+          f"{'USS last':>9} {'USS trend':>9} {'USS lsq':>8}  (MB and MB/min; PSS unless marked USS)")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for p in summary["processes"]:
+        u = uss.get(p["pid"], {})
+        print(f"{p['label'][:34]:<34} {p['pid']:>7} {p['samples']:>4} {p['first_mb']:>8.1f} {p['last_mb']:>8.1f} "
+              f"{p['peak_mb']:>8.1f} {fmt(p['trend_mb_per_min']):>8} {u.get('last_mb', float('nan')):>9.1f} "
+              f"{fmt(u.get('trend_mb_per_min')):>9} {fmt(u.get('slope_mb_per_min')):>8}")
+    print(f"iterations={summary.get('iterations')} duration_min={summary['duration_min']} samples={summary['samples']} "
+          f"total_pss_mb={summary['total_first_mb']}->{summary['total_last_mb']} "
+          f"soak_total_growth_mb_per_min={summary['total_slope_mb_per_min']}")
+    print(f"csv={out / 'soak_memory.csv'} png={summary['png']}")
+    print(f"soak_max_pss_growth_mb_per_min={summary['max_pss_growth_mb_per_min']}")
+    print(f"soak_max_lsq_growth_mb_per_min={summary['max_uss_lsq_growth_mb_per_min']}")
+    print(f"soak_max_growth_mb_per_min={summary['max_uss_growth_mb_per_min']}")
+
+
+def _reanalyse(folder: Path) -> int:
+    csv_path = folder / "soak_memory.csv"
+    if not csv_path.is_file():
+        print(f"proxmo bench soak: no {csv_path}", file=sys.stderr)
+        return 2
+    old = json.loads((folder / "soak_summary.json").read_text()) if (folder / "soak_summary.json").is_file() else {}
+    t_train = float(old.get("train_start_s", old.get("start_min", 0.0) * 60.0))
+    keep = {k: old[k] for k in ("iterations", "wall_min", "run_dir") if k in old}
+    summary = summarise(read_csv(csv_path), t_train, folder, {**keep, "train_start_s": t_train})
+    _print_report(summary, folder)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between memory samples")
     ap.add_argument("--out", default="runs/soak", help="folder for the CSV, PNG and summary")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (applied after the soak's own)")
+    ap.add_argument("--reanalyse", metavar="DIR", default=None,
+                    help="no run: analyse DIR/soak_memory.csv (and DIR/soak_summary.json) of an earlier soak")
     args = ap.parse_args(argv)
+    if args.reanalyse:
+        return _reanalyse(Path(args.reanalyse))
     if args.minutes <= 0 or args.interval <= 0:
         ap.error("--minutes and --interval must be > 0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -297,21 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"proxmo bench soak: {exc}", file=sys.stderr)
         return 2
     summary = run_soak(cfg, args.minutes, args.interval, Path(args.out))
-    uss = {p["pid"]: p for p in summary["uss"]["processes"]}
-    print(f"{'process':<34} {'pid':>7} {'n':>4} {'first':>8} {'last':>8} {'peak':>8} {'MB/min':>8} "
-          f"{'USS last':>9} {'USS MB/min':>10}  (PSS unless marked USS)")
-    for p in summary["processes"]:
-        slope = "-" if p["slope_mb_per_min"] is None else f"{p['slope_mb_per_min']:.3f}"
-        u = uss.get(p["pid"], {})
-        u_slope = "-" if u.get("slope_mb_per_min") is None else f"{u['slope_mb_per_min']:.3f}"
-        print(f"{p['label'][:34]:<34} {p['pid']:>7} {p['samples']:>4} {p['first_mb']:>8.1f} {p['last_mb']:>8.1f} "
-              f"{p['peak_mb']:>8.1f} {slope:>8} {u.get('last_mb', float('nan')):>9.1f} {u_slope:>10}")
-    print(f"iterations={summary['iterations']} duration_min={summary['duration_min']} samples={summary['samples']} "
-          f"total_pss_mb={summary['total_first_mb']}->{summary['total_last_mb']} "
-          f"soak_total_growth_mb_per_min={summary['total_slope_mb_per_min']}")
-    print(f"csv={Path(args.out) / 'soak_memory.csv'} png={summary['png']}")
-    print(f"soak_max_pss_growth_mb_per_min={summary['max_pss_growth_mb_per_min']}")
-    print(f"soak_max_growth_mb_per_min={summary['max_uss_growth_mb_per_min']}")
+    _print_report(summary, Path(args.out))
     return 0
 
 

@@ -37,7 +37,21 @@ def test_analysis_window_starts_at_training():
     mb = [(t, 100 + 50 * min(t, 540) / 60) for t in range(0, 960, 60)]  # grows until 9 min, then flat
     s = [Sample(t, 1, "driver", m, m) for t, m in mb]
     assert analyse(s, t_from=300)["max_growth_mb_per_min"] == pytest.approx(0.0, abs=1e-9)
-    assert analyse(s)["max_growth_mb_per_min"] > 0
+    assert analyse(s)["max_lsq_growth_mb_per_min"] > 0  # the growth from 7.5 to 9 min is in the window
+
+
+def test_the_trend_ignores_transient_peaks_and_still_sees_a_leak():
+    # A learner-like process: a flat floor with one allocator peak late in the run (soak4: +300 MB).
+    floor = [Sample(t, 1, "ray::LearnerWorker", 1050.0, 1050.0) for t in range(0, 1200, 10)]
+    floor[100] = Sample(1000, 1, "ray::LearnerWorker", 1366.0, 1366.0)
+    out = analyse(floor)
+    proc = out["processes"][0]
+    assert proc["slope_mb_per_min"] > 0.5  # least squares is pulled up by one sample
+    assert proc["trend_mb_per_min"] == pytest.approx(0.0, abs=1e-9)
+    assert out["max_growth_mb_per_min"] == pytest.approx(0.0, abs=1e-9)
+    # A real leak with the same peak is still reported at its rate.
+    leak = [Sample(s.t_s, 2, "driver", s.pss_mb + 0.5 * s.t_s / 60, s.pss_mb + 0.5 * s.t_s / 60) for s in floor]
+    assert analyse(leak)["max_growth_mb_per_min"] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_no_samples_is_an_error():
