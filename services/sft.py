@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -122,13 +123,41 @@ def corpus_from_examples(examples: list[dict]) -> list[str]:
     return lines
 
 
+PROMPT_FIELDS = ("name", "game", "game_params", "history", "obs_chars", "action_format")
+
+
+def prompt_fingerprint(env: EnvConfig) -> dict[str, Any]:
+    """The env settings that decide what the policy is shown and how it must answer."""
+    return {**{k: getattr(env, k) for k in PROMPT_FIELDS}, "template": str(env.options.get("template", ""))}
+
+
+def _stale_warm_start(path: Path, env: EnvConfig) -> list[str]:
+    """Prompt settings that differ between the tiny model at ``path`` and ``env`` (``[]``: none or unknown)."""
+    try:
+        built = json.loads((path / "sft_stats.json").read_text()).get("env")
+    except (OSError, ValueError):
+        return []  # not built here, or built before the settings were recorded: trust the user's folder
+    if not isinstance(built, dict):
+        return []
+    now = prompt_fingerprint(env)
+    return [f"{k}: {built[k]!r} -> {now[k]!r}" for k in now if k in built and built[k] != now[k]]
+
+
 def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: int = 0) -> str:
-    """Return a model folder to start RL from, building + warm-starting the tiny model if needed."""
+    """Return a model folder to start RL from, building + warm-starting the tiny model if needed.
+
+    A tiny model built here for other prompt settings (say ``env.action_format=text`` when the
+    config now says ``index``) would answer in the wrong format, so it is rebuilt, with a warning.
+    """
     from services.envs.experts import expert_examples
 
     path = Path(model.path)
     if (path / "config.json").is_file():
-        return str(path)
+        stale = _stale_warm_start(path, env) if model.tiny else []
+        if not stale:
+            return str(path)
+        log.warning("model.path %s was warm-started for other prompt settings (%s); rebuilding it",
+                    path, "; ".join(stale))
     if not model.tiny:
         raise ConfigError(
             f"model.path {str(path)!r} is not a Hugging Face model folder (no config.json). Download the model "
@@ -145,7 +174,7 @@ def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: 
     build_tiny_model(base, corpus_from_examples(examples), max_position=model.max_model_len, seed=seed)
     tmp = path.with_name(path.name + ".tmp")
     stats = sft_train(base, examples, sft, seed=seed, max_len=model.max_model_len, out_dir=tmp)
-    (tmp / "sft_stats.json").write_text(json.dumps(stats, indent=2))
+    (tmp / "sft_stats.json").write_text(json.dumps({**stats, "env": prompt_fingerprint(env)}, indent=2))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)

@@ -266,6 +266,24 @@ def test_sft_warm_start_names_a_missing_model_path(tmp_path):
     assert "config.json" in str(err.value)
 
 
+def test_a_tiny_model_warm_started_for_other_prompts_is_found_stale(tmp_path):
+    import json
+
+    from services.sft import _stale_warm_start, ensure_warm_model, prompt_fingerprint
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    text, index = EnvConfig(), EnvConfig(action_format="index")
+    assert _stale_warm_start(folder, index) == []  # no record of how it was built: the user's folder is trusted
+    (folder / "sft_stats.json").write_text(json.dumps({"sft_steps": 1, "env": prompt_fingerprint(text)}))
+    assert _stale_warm_start(folder, text) == []
+    assert _stale_warm_start(folder, index) == ["action_format: 'text' -> 'index'"]
+    assert ensure_warm_model(ModelConfig(path=str(folder), tiny=True), text, SFTConfig()) == str(folder)
+    # Not built here (tiny=False): used as given, whatever the record says.
+    assert ensure_warm_model(ModelConfig(path=str(folder), tiny=False), index, SFTConfig()) == str(folder)
+
+
 def test_rollout_worker_names_a_missing_model_path(tmp_path):
     from services.config import RolloutConfig, SamplingConfig
     from services.rollout import RolloutWorker
