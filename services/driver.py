@@ -163,6 +163,7 @@ class TrainingRun:
         from services.sft import ensure_warm_model
 
         cfg = self.cfg
+        self._keep_earlier_run()
         self.out.mkdir(parents=True, exist_ok=True)
         # Warm start first, on all cores, before any actor competes for them.
         model_path = ensure_warm_model(cfg.model, cfg.env, cfg.sft, cfg.seed)
@@ -182,6 +183,24 @@ class TrainingRun:
         from services.envs import make_env
 
         self._task_env = make_env(cfg.env)
+
+    def _keep_earlier_run(self) -> None:
+        """A fresh run (no ``resume``) never reuses an earlier run's folder: it is moved aside.
+
+        The folder holds the embedded Redis's AOF. Reused, its stream would hand the earlier run's
+        unacked groups to this learner, and its idempotence table (group ids are
+        ``run_name/it<i>/g<j>``) would refuse this run's groups as duplicates, so the learner
+        would wait for groups that never come. Nothing is deleted.
+        """
+        if self.cfg.resume or not self.out.is_dir() or not any(self.out.iterdir()):
+            return
+        kept = self.out.with_name(f"{self.out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while kept.exists():
+            kept, n = kept.with_name(f"{kept.name.split('~')[0]}~{n}"), n + 1
+        self.out.rename(kept)
+        log.warning("%s held an earlier run; moved it to %s (pass --resume to continue a run instead)",
+                    self.out, kept)
 
     def _start_redis(self) -> str:
         url = self.cfg.buffer.url or os.environ.get("REDIS_URL", "")

@@ -309,3 +309,28 @@ def test_serve_cli_names_a_missing_model_path(tmp_path, capsys):
 
     assert main([f"model.path={tmp_path / 'no-such-model'}"]) == 2
     assert "no-such-model" in capsys.readouterr().out
+
+
+def test_a_fresh_run_moves_an_earlier_run_with_the_same_name_aside(tmp_path):
+    """A second `proxmo train` with the same run_name must not reuse the first one's Redis AOF: its
+    idempotence table would refuse the new run's group ids as duplicates and the learner would wait."""
+    from services.config import load_config
+    from services.driver import TrainingRun
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "run_name=twice"])
+    earlier = tmp_path / "twice"
+    (earlier / "redis").mkdir(parents=True)
+    (earlier / "redis" / "appendonly.aof").write_text("earlier run")
+    TrainingRun(cfg)._keep_earlier_run()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("twice.prev-")]
+    assert not earlier.exists() and len(kept) == 1
+    assert (kept[0] / "redis" / "appendonly.aof").read_text() == "earlier run"  # nothing deleted
+    (earlier / "redis").mkdir(parents=True)
+    (earlier / "redis" / "appendonly.aof").write_text("second run")
+    TrainingRun(cfg)._keep_earlier_run()  # the same second: a distinct name, still nothing deleted
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("twice.prev-")]) == 2
+    (earlier / "run_state.json").parent.mkdir(parents=True, exist_ok=True)
+    (earlier / "run_state.json").write_text("{}")
+    resumed = load_config(None, [f"output_dir={tmp_path}", "run_name=twice", "resume=true"])
+    TrainingRun(resumed)._keep_earlier_run()  # --resume continues in place
+    assert (earlier / "run_state.json").is_file()
