@@ -66,7 +66,11 @@ class LearnerWorker:
         deadline = time.monotonic() + timeout_s
         while len(groups) + dropped < n_groups:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"learner waited {timeout_s:.0f} s for {n_groups} groups, got {len(groups) + dropped}")
+                raise TimeoutError(
+                    f"learner waited {timeout_s:.0f} s for {n_groups} groups, got {len(groups) + dropped}; buffer "
+                    f"counts {self.buffer.stats()}. Pushes counted as duplicates carried group ids the buffer had "
+                    "seen before: an earlier run with the same run_name on this Redis (pick another run_name or "
+                    "pass --resume)")
             deliveries = self.buffer.read(n_groups - len(groups) - dropped, block_ms=1000)
             fresh, stale = self._split_stale(deliveries)
             if stale:
