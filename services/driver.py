@@ -194,10 +194,10 @@ class TrainingRun:
         """
         if self.cfg.resume or not self.out.is_dir() or not any(self.out.iterdir()):
             return
-        kept = self.out.with_name(f"{self.out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-        n = 1
+        stem = f"{self.out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+        kept, n = self.out.with_name(stem), 1
         while kept.exists():
-            kept, n = kept.with_name(f"{kept.name.split('~')[0]}~{n}"), n + 1
+            kept, n = self.out.with_name(f"{stem}~{n}"), n + 1
         self.out.rename(kept)
         log.warning("%s held an earlier run; moved it to %s (pass --resume to continue a run instead)",
                     self.out, kept)
