@@ -184,14 +184,14 @@ def analyse(samples: list[Sample], metric: str = "pss_mb", t_from: float = 0.0) 
     for s in samples:
         totals[s.t_s] += getattr(s, metric)
     late_t = [t for t in sorted(totals) if t >= half]
-    total_slope = _trend_per_min(late_t, [totals[t] for t in late_t])  # the sum of all processes, trend
+    total_trend = _trend_per_min(late_t, [totals[t] for t in late_t])  # the sum of all processes
     fitted = [p["slope_mb_per_min"] for p in procs if p["slope_mb_per_min"] is not None]
     trends = [p["trend_mb_per_min"] for p in procs if p["trend_mb_per_min"] is not None]
     return {"metric": metric, "duration_min": round((t_end - t_from) / 60.0, 2), "samples": len(sorted(totals)),
             "fit_from_min": round(half / 60.0, 2), "start_min": round(t_from / 60.0, 2),
             "processes": sorted(procs, key=lambda p: -p["peak_mb"]),
             "total_first_mb": round(totals[min(totals)], 1), "total_last_mb": round(totals[max(totals)], 1),
-            "total_slope_mb_per_min": None if total_slope != total_slope else round(total_slope, 3),
+            "total_slope_mb_per_min": None if total_trend != total_trend else round(total_trend, 3),
             "max_growth_mb_per_min": round(max(trends), 3) if trends else float("nan"),
             "max_lsq_growth_mb_per_min": round(max(fitted), 3) if fitted else float("nan")}
 
@@ -314,7 +314,10 @@ def _print_report(summary: dict[str, Any], out: Path) -> None:
     uss = {p["pid"]: p for p in summary["uss"]["processes"]}
     print(f"{'process':<34} {'pid':>7} {'n':>4} {'first':>8} {'last':>8} {'peak':>8} {'trend':>8} "
           f"{'USS last':>9} {'USS trend':>9} {'USS lsq':>8}  (MB and MB/min; PSS unless marked USS)")
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     for p in summary["processes"]:
         u = uss.get(p["pid"], {})
         print(f"{p['label'][:34]:<34} {p['pid']:>7} {p['samples']:>4} {p['first_mb']:>8.1f} {p['last_mb']:>8.1f} "
