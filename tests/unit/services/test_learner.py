@@ -214,3 +214,62 @@ def test_recomputed_old_logprobs_are_the_pre_update_policy_for_every_mini_batch(
     assert abs(m_recompute["loss/ratio_mean"] - 1.0) > 1e-3  # the last mini-batch: off-policy by 2 steps
     assert m_recompute["loss/ratio_mean"] == pytest.approx(m_sampler["loss/ratio_mean"], abs=1e-5)
     assert torch.allclose(_params(sampler), _params(recompute), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- it learns
+
+BANDIT_PROMPT = "You are in the kitchen. You see a fridge, a table and a red apple."
+BANDIT_ARMS = ("<think></think><action>take red apple</action>", "<think></think><action>open fridge</action>")
+
+
+def _arm_logprobs(model, tok, prompt_ids: np.ndarray, arms: list[np.ndarray]) -> np.ndarray:
+    """Per-token log-probs of each whole arm after the prompt, under the current model."""
+    steps = [StepRecord(observation="", action="", reward=0.0, valid=True, done=True, prompt_ids=prompt_ids,
+                        response_ids=a) for a in arms]
+    ids, attn, mask = _pad_batch(steps, torch.device("cpu"))
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, ids, attn, mask=mask)
+    return [lp[i][mask[i]].numpy().astype(np.float32) for i in range(len(arms))]
+
+
+@pytest.mark.parametrize("estimator", ["proxmo", "gigpo", "grpo"])
+@pytest.mark.parametrize("rewarded", [0, 1])
+def test_the_update_learns_a_one_step_choice(model_dir, estimator, rewarded):
+    """End to end through advantages, loss and optimizer: groups sampled on-policy from two
+    responses, reward 1 for one of them; a few updates must make that response the likely one.
+
+    A flipped sign anywhere on the advantage -> loss path, or an update that does not
+    follow the sampled tokens, moves the probability the other way or not at all.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = np.array(tok(BANDIT_PROMPT, add_special_tokens=False)["input_ids"], np.int32)
+    arms = [np.array(tok(a, add_special_tokens=False)["input_ids"], np.int32) for a in BANDIT_ARMS]
+    cfg = LearnerConfig(lr=3e-3, micro_batch_size=16, seed=0)
+    learner = Learner(model_dir, cfg, AdvantageConfig(estimator=estimator), LossConfig())
+    rng = np.random.default_rng(0)
+
+    def p_rewarded() -> float:
+        lps = _arm_logprobs(learner.model, tok, prompt, arms)
+        seq = np.array([lp.sum() for lp in lps], dtype=np.float64)
+        p = np.exp(seq - seq.max())
+        return float(p[rewarded] / p.sum())  # restricted to the two arms: what the sampler below draws from
+
+    start = p_rewarded()
+    for _ in range(8):
+        p = p_rewarded()
+        lps = _arm_logprobs(learner.model, tok, prompt, arms)
+        groups = []
+        for gi in range(4):
+            eps = []
+            for _ in range(8):
+                arm = rewarded if rng.random() < p else 1 - rewarded
+                won = arm == rewarded
+                eps.append(EpisodeRecord(won=won, steps=[StepRecord(
+                    observation=BANDIT_PROMPT, action=BANDIT_ARMS[arm], reward=float(won), valid=True, done=True,
+                    prompt_ids=prompt, response_ids=arms[arm], logprobs=lps[arm])]))
+            groups.append(GroupRecord(task_id=f"t{gi}", episodes=eps, group_id=f"g{gi}"))
+        learner.update(groups)
+    end = p_rewarded()
+    assert end > max(0.9, start + 0.2), (start, end)
