@@ -8,6 +8,7 @@ runs (a `proxmo envs check` never imports vLLM). Every target is a function
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 # command -> "module:function", or a nested table for two-word commands.
@@ -54,8 +55,29 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``pkill``, Kubernetes stopping a pod) exit like Ctrl-C does.
+
+    Python's default for SIGTERM ends the process at once: no ``finally``, no
+    ``atexit``, so an embedded redis-server and the Ray processes of the run were
+    left running. Raising SystemExit instead runs the same shutdown path as a
+    normal exit. A handler someone else installed is kept.
+    """
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def _raise(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread (an embedding application): leave signals to it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    exit_cleanly_on_sigterm()
     table: dict[str, object] = COMMANDS
     prefix = "proxmo"
     while True:
