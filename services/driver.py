@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from services.rollout import Assignment, GroupSummary, RolloutWorker
 log = logging.getLogger("proxmo")
 
 CONTROL_ACTOR = "proxmo-control"
+RUN_ID_FILE = "run_id"  # the run instance token (see TrainingRun._run_instance)
 LEARNER_RESTARTS = 3  # learner deaths survived per run before the error is raised (issue 9)
 
 
@@ -165,6 +167,7 @@ class TrainingRun:
         cfg = self.cfg
         self._keep_earlier_run()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.run_id = self._run_instance()
         # Warm start first, on all cores, before any actor competes for them.
         model_path = ensure_warm_model(cfg.model, cfg.env, cfg.sft, cfg.seed)
         # Absolute: Ray workers and Serve replicas do not share the driver's working directory.
@@ -187,10 +190,9 @@ class TrainingRun:
     def _keep_earlier_run(self) -> None:
         """A fresh run (no ``resume``) never reuses an earlier run's folder: it is moved aside.
 
-        The folder holds the embedded Redis's AOF. Reused, its stream would hand the earlier run's
-        unacked groups to this learner, and its idempotence table (group ids are
-        ``run_name/it<i>/g<j>``) would refuse this run's groups as duplicates, so the learner
-        would wait for groups that never come. Nothing is deleted.
+        The folder holds the embedded Redis's AOF, checkpoints and metrics; a fresh run starts
+        clean and the earlier one stays readable. Nothing is deleted. What an external Redis keeps
+        (idempotence table, unacked groups) is handled by the run instance token in the group ids.
         """
         if self.cfg.resume or not self.out.is_dir() or not any(self.out.iterdir()):
             return
@@ -201,6 +203,29 @@ class TrainingRun:
         self.out.rename(kept)
         log.warning("%s held an earlier run; moved it to %s (pass --resume to continue a run instead)",
                     self.out, kept)
+
+    def _run_instance(self) -> str:
+        """This run's instance token, part of every group id: new for a fresh run, kept by ``--resume``.
+
+        Group ids are the buffer's idempotence keys. On an external Redis (``REDIS_URL``) an earlier
+        run with the same ``run_name`` leaves its ids in the idempotence table, and possibly unacked
+        groups in the stream; with the token, this run's groups are never mistaken for those, and
+        the learner dead-letters those instead of training on them. A run resumed from a folder
+        written before the token existed keeps the old ids (token "").
+        """
+        f = self.out / RUN_ID_FILE
+        if self.cfg.resume and f.is_file():
+            return f.read_text().strip()
+        if self.cfg.resume and (self.out / "run_state.json").is_file():
+            return ""
+        token = uuid.uuid4().hex[:8]
+        f.write_text(token + "\n")
+        return token
+
+    @property
+    def group_prefix(self) -> str:
+        """What every group id of this run starts with."""
+        return f"{self.cfg.run_name}@{self.run_id}/" if self.run_id else f"{self.cfg.run_name}/"
 
     def _start_redis(self) -> str:
         url = self.cfg.buffer.url or os.environ.get("REDIS_URL", "")
@@ -254,7 +279,7 @@ class TrainingRun:
             num_cpus=c.learner.num_cpus, num_gpus=gpus, name=f"proxmo-learner-{c.run_name}", max_restarts=0,
         ).remote(self.model_cfg.path, c.learner, c.algorithm, c.loss, c.buffer, self.buffer_url, self.policy,
                  str(self.out / "checkpoints"), checkpoint_every=c.checkpoint_every, dtype=c.model.dtype,
-                 temperature=c.sampling.temperature, torch_threads=(c.learner.torch_threads or max(1, int(round(c.learner.num_cpus)))) if gpus == 0 else 0)
+                 temperature=c.sampling.temperature, group_prefix=self.group_prefix, torch_threads=(c.learner.torch_threads or max(1, int(round(c.learner.num_cpus)))) if gpus == 0 else 0)
 
     def _make_worker(self, wid: str):
         import ray
@@ -278,7 +303,7 @@ class TrainingRun:
         """Deterministic tasks of an iteration (same on resume); group ids are the idempotence keys."""
         c = self.cfg
         tasks = self._task_env.sample_tasks("train", c.learner.groups_per_batch, seed=c.seed * 1_000_003 + iteration)
-        return [Assignment(t, group_id=f"{c.run_name}/it{iteration}/g{j}") for j, t in enumerate(tasks)]
+        return [Assignment(t, group_id=f"{self.group_prefix}it{iteration}/g{j}") for j, t in enumerate(tasks)]
 
     def evaluate(self, n: int | None = None) -> dict[str, float]:
         """Evaluate on ``eval_split``; the same tasks (and seeds) every time. Outcomes: ``self.last_outcomes``."""

@@ -32,7 +32,7 @@ class LearnerWorker:
     def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AdvantageConfig, loss: LossConfig,
                  buffer_cfg: BufferConfig, buffer_url: str, policy, checkpoint_dir: str,
                  *, checkpoint_every: int = 1, consumer: str = "learner-0", dtype: str = "float32",
-                 torch_threads: int = 0, temperature: float = 1.0):
+                 torch_threads: int = 0, temperature: float = 1.0, group_prefix: str = ""):
         import torch
 
         from services.buffer import TrajectoryBuffer
@@ -42,6 +42,7 @@ class LearnerWorker:
         self.learner = Learner(model_path, cfg, algorithm, loss, dtype=dtype, temperature=temperature)
         self.buffer = TrajectoryBuffer(buffer_cfg, buffer_url, consumer=consumer)
         self.policy = policy
+        self.group_prefix = group_prefix  # ids of this run's groups start with it ("" accepts every group)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_every = max(int(checkpoint_every), 1)
         self.unacked: list[str] = []
@@ -71,7 +72,7 @@ class LearnerWorker:
                     f"counts {self.buffer.stats()}. Pushes counted as duplicates carried group ids the buffer had "
                     "seen before: an earlier run with the same run_name on this Redis (pick another run_name or "
                     "pass --resume)")
-            deliveries = self.buffer.read(n_groups - len(groups) - dropped, block_ms=1000)
+            deliveries = self._own(self.buffer.read(n_groups - len(groups) - dropped, block_ms=1000))
             fresh, stale = self._split_stale(deliveries)
             if stale:
                 log.warning("dropped %d stale group(s) (versions %s, learner at %d)", len(stale),
@@ -82,6 +83,18 @@ class LearnerWorker:
         lags = [self.lag(g.policy_version) for g in groups] or [0]
         return groups, ids, {"buffer/dropped_stale": float(dropped), "staleness/mean": sum(lags) / len(lags),
                              "staleness/max": float(max(lags))}
+
+    def _own(self, deliveries):
+        """This run's deliveries; another run's groups (same stream on a shared Redis) are dead-lettered."""
+        if not self.group_prefix:
+            return deliveries
+        own = []
+        for d in deliveries:
+            if d.group.group_id.startswith(self.group_prefix):
+                own.append(d)
+            else:
+                self.buffer.reject(d.msg_id, f"group of another run (this run's ids start with {self.group_prefix!r})")
+        return own
 
     def lag(self, policy_version: int) -> int:
         """Policy versions between a group's sampler and the weights this learner holds now.

@@ -298,6 +298,10 @@ class TrajectoryBuffer:
             out.append(Delivery(msg_id, group, redelivered=redelivered, nbytes=len(payload)))
         return out
 
+    def reject(self, msg_id: str, reason: str) -> None:
+        """Settle a delivered entry this consumer will not use: moved to the dead letters with ``reason``."""
+        self._to_dead(msg_id, reason)
+
     def _to_dead(self, msg_id: str, reason: str) -> None:
         log.warning("buffer %s: entry %s moved to %s: %s", self.stream, msg_id, self.k_dead, reason)
         self._call("dead-letter", lambda: self._dead(

@@ -239,3 +239,30 @@ def test_projected_actions_are_played_recorded_and_counted(tiny_model_dir):
         assert (summary.inadmissible_steps, summary.projected_steps, summary.invalid_steps) == (2, 1, 0)
     finally:
         w.close()
+
+
+def test_the_learner_dead_letters_groups_of_another_run(tiny_model_dir, redis_url, buffer_cfg):
+    """A shared Redis stream with an earlier run's unacked group: the learner must not train on it;
+    it is dead-lettered with the reason, and the counters still add up."""
+    from proxmo.config import AdvantageConfig, LossConfig
+    from services.config import LearnerConfig
+    from services.learner_worker import LearnerWorker
+
+    producer = TrajectoryBuffer(buffer_cfg, redis_url, consumer="producer")
+    pushed = {}
+    for gid in ("old@aaaa/it0/g0", "new@bbbb/it0/g0", "new@bbbb/it0/g1"):
+        g = small_group(seed=len(pushed))
+        g.group_id = gid
+        pushed[gid] = producer.push(g)
+    worker = LearnerWorker(str(tiny_model_dir), LearnerConfig(), AdvantageConfig(), LossConfig(kl_coef=0.0),
+                           buffer_cfg, redis_url, policy=None, checkpoint_dir="unused", group_prefix="new@bbbb/")
+    groups, ids, _ = worker.collect(2, timeout_s=30)
+    assert sorted(g.group_id for g in groups) == ["new@bbbb/it0/g0", "new@bbbb/it0/g1"]
+    worker.buffer.ack(ids)
+    dead = worker.buffer.dead_letters()
+    assert [d["gid"] for d in dead] == ["old@aaaa/it0/g0"]
+    assert "another run" in dead[0]["dead_reason"]
+    s = worker.buffer.stats()
+    assert (s["produced"], s["acked"], s["dead"], s["pending"], s["depth"]) == (3, 2, 1, 0, 0)
+    producer.close()
+    worker.buffer.close()

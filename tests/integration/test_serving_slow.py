@@ -106,8 +106,7 @@ def test_processed_logprobs_at_temperature_match_the_learner(tiny_model_dir):
     import torch
 
     from services.config import ModelConfig, ServingConfig
-    from services.learner import _pad_batch, token_logprobs
-    from services.learner import RowTokens
+    from services.learner import RowTokens, _pad_batch, token_logprobs
     from services.serving.server import PolicyServer
 
     temperature = 0.7

@@ -334,3 +334,25 @@ def test_a_fresh_run_moves_an_earlier_run_with_the_same_name_aside(tmp_path):
     resumed = load_config(None, [f"output_dir={tmp_path}", "run_name=twice", "resume=true"])
     TrainingRun(resumed)._keep_earlier_run()  # --resume continues in place
     assert (earlier / "run_state.json").is_file()
+
+
+def test_group_ids_carry_a_run_instance_token_that_resume_keeps(tmp_path):
+    """On an external Redis the idempotence table outlives the run folder: a fresh run with an
+    earlier run's name must still push ids the buffer has never seen; a resumed run, the same ids."""
+    from services.config import load_config
+    from services.driver import TrainingRun
+
+    def run(*extra):
+        r = TrainingRun(load_config(None, [f"output_dir={tmp_path}", "run_name=shared", *extra]))
+        r.out.mkdir(parents=True, exist_ok=True)
+        r.run_id = r._run_instance()
+        return r
+
+    first = run()
+    assert first.group_prefix.startswith("shared@") and len(first.run_id) == 8
+    (first.out / "run_state.json").write_text("{}")
+    assert run("resume=true").group_prefix == first.group_prefix
+    second = run()  # fresh again, same folder (the embedded-Redis case moves it aside first)
+    assert second.run_id != first.run_id
+    (second.out / "run_id").unlink()  # a run written before the token existed resumes with its old ids
+    assert run("resume=true").group_prefix == "shared/"
