@@ -305,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"headline: {head['size']} groups, {head['producers']} producer; "
           f"min ratio over scenarios {min(ratios):.3f}, geometric mean "
           f"{statistics.geometric_mean(ratios):.3f}; load average at the end {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cpus")
+          f"on {os.cpu_count()} cpus; redis-py reply parser: {_parser()}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"bench": "buffer", "machine": platform.platform(), "cpus": os.cpu_count(),
                        "loadavg": os.getloadavg(), "redis": "embedded" if server is not None else "external",
-                       "build_steps": args.build_steps,
+                       "build_steps": args.build_steps, "parser": _parser(),
                        "headline": {"size": head["size"], "producers": head["producers"]},
                        "buffer_vs_raw_xadd": head["ratio"], "rows": rows}, fh, indent=2)
     # key=value lines for `proxmo bench all`; the last one is the headline
@@ -322,3 +322,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _parser() -> str:
+    """Which reply parser redis-py uses: ``hiredis`` (C, the installed default) or ``python``."""
+    from redis.utils import HIREDIS_AVAILABLE
+
+    return "hiredis" if HIREDIS_AVAILABLE else "python"
