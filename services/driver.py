@@ -141,6 +141,7 @@ class TrainingRun:
         self.cfg = cfg
         self.out = Path(cfg.output_dir) / cfg.run_name
         self.redis = None
+        self.run_id: str | None = None  # the run instance token, set by start()
         self.policy = None
         self.deployment = None
         self._owns_deployment = False
@@ -225,6 +226,8 @@ class TrainingRun:
     @property
     def group_prefix(self) -> str:
         """What every group id of this run starts with."""
+        if self.run_id is None:
+            raise RuntimeError("TrainingRun.start() must run first: it sets the run instance token of the group ids")
         return f"{self.cfg.run_name}@{self.run_id}/" if self.run_id else f"{self.cfg.run_name}/"
 
     def _start_redis(self) -> str:
