@@ -72,6 +72,11 @@ class ModelConfig:
     dtype: str = "float32"
     max_model_len: int = 512
     trust_remote_code: bool = False
+    # Shape of the tiny model when it is built (tiny=true and no model at `path`); ~1.08M parameters as set.
+    tiny_hidden: int = 128
+    tiny_layers: int = 4
+    tiny_heads: int = 2
+    tiny_intermediate: int = 352
 
 
 @dataclass
@@ -431,6 +436,11 @@ def _validate_limits(cfg: TrainConfig, check) -> None:
     check(0 < s.top_p <= 1, f"sampling.top_p must be in (0, 1], got {s.top_p}")
     check(cfg.env.step_timeout_s > 0, f"env.step_timeout_s must be > 0, got {cfg.env.step_timeout_s}")
     check(cfg.env.max_action_chars >= 1, "env.max_action_chars must be >= 1")
+    m = cfg.model
+    check(min(m.tiny_hidden, m.tiny_layers, m.tiny_heads, m.tiny_intermediate) >= 1
+          and m.tiny_hidden % (2 * m.tiny_heads) == 0,
+          f"model.tiny_hidden ({m.tiny_hidden}) must be a multiple of 2 x model.tiny_heads ({m.tiny_heads}) "
+          "(an even head size for rotary embeddings), and tiny_layers and tiny_intermediate >= 1")
     check(cfg.model.dtype in ("float32", "float16", "bfloat16"),
           f"model.dtype must be float32|float16|bfloat16, got {cfg.model.dtype!r}")
     check(bool(b.stream) and bool(b.group), "buffer.stream and buffer.group must be non-empty")

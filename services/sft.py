@@ -171,7 +171,9 @@ def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: 
     base = path.with_name(path.name + ".init")
     if base.exists():
         shutil.rmtree(base)
-    build_tiny_model(base, corpus_from_examples(examples), max_position=model.max_model_len, seed=seed)
+    build_tiny_model(base, corpus_from_examples(examples), max_position=model.max_model_len, seed=seed,
+                     hidden=model.tiny_hidden, layers=model.tiny_layers, heads=model.tiny_heads,
+                     intermediate=model.tiny_intermediate)
     tmp = path.with_name(path.name + ".tmp")
     stats = sft_train(base, examples, sft, seed=seed, max_len=model.max_model_len, out_dir=tmp)
     (tmp / "sft_stats.json").write_text(json.dumps({**stats, "env": prompt_fingerprint(env)}, indent=2))

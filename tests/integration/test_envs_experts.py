@@ -63,3 +63,15 @@ def test_envs_check_reports_and_counts(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "2 passed, 0 failed"
     assert any("webshop" in ln and "2/2 (100.0%)" in ln and "steps/s" in ln for ln in lines)
+
+
+def test_the_warm_start_builds_the_configured_tiny_model_shape(tmp_path):
+    from transformers import AutoConfig
+
+    from services.config import ModelConfig, SFTConfig
+    from services.sft import ensure_warm_model
+
+    model = ModelConfig(path=str(tmp_path / "m"), tiny_hidden=48, tiny_layers=1, tiny_heads=3, tiny_intermediate=96)
+    path = ensure_warm_model(model, EnvConfig(), SFTConfig(episodes=3, epochs=0.1, seconds=30), seed=0)
+    c = AutoConfig.from_pretrained(path)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (48, 1, 3, 96)

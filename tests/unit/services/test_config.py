@@ -55,6 +55,9 @@ BAD = [
     (["sampling.max_tokens=600", "model.max_model_len=512"], "max_model_len"),
     (["mode=async", "max_policy_lag=3", "buffer.max_staleness=1"], "max_staleness"),
     (["loss.dual_clip=0.5"], "dual_clip"),
+    (["model.tiny_heads=3"], "tiny_heads"),
+    (["model.tiny_hidden=6", "model.tiny_heads=2"], "even head size"),
+    (["model.tiny_layers=0"], "tiny_layers"),
 ]
 
 
