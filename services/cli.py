@@ -13,11 +13,11 @@ import sys
 
 # command -> "module:function", or a nested table for two-word commands.
 COMMANDS: dict[str, object] = {
-    "train": "services.driver:train_main",
-    "eval": "services.driver:eval_main",
+    "train": "services.driver_cli:train_main",
+    "eval": "services.driver_cli:eval_main",
     "sft": "services.sft:main",
     "serve": "services.serving.cli:main",
-    "scale": "services.driver:scale_main",
+    "scale": "services.driver_cli:scale_main",
     "build-model": "services.serving.tiny_model:main",
     "envs": {
         "check": "services.envs.check:main",
