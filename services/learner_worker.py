@@ -69,9 +69,8 @@ class LearnerWorker:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"learner waited {timeout_s:.0f} s for {n_groups} groups, got {len(groups) + dropped}; buffer "
-                    f"counts {self.buffer.stats()}. Pushes counted as duplicates carried group ids the buffer had "
-                    "seen before: an earlier run with the same run_name on this Redis (pick another run_name or "
-                    "pass --resume)")
+                    f"counts {self.buffer.stats()} (duplicates: pushes of group ids the buffer had already seen; "
+                    "dead: entries it could not use, see the dead letters)")
             deliveries = self._own(self.buffer.read(n_groups - len(groups) - dropped, block_ms=1000))
             fresh, stale = self._split_stale(deliveries)
             if stale:

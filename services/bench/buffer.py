@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("need at least as many groups as producers")
     from services.buffer import resolve_redis
 
+    parser = _parser()
     url, server = resolve_redis(args.url, appendfsync="everysec")
     try:
         rows = run(url, server.pid if server is not None else None, producers, groups, repeat, args.build_steps)
@@ -305,12 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"headline: {head['size']} groups, {head['producers']} producer; "
           f"min ratio over scenarios {min(ratios):.3f}, geometric mean "
           f"{statistics.geometric_mean(ratios):.3f}; load average at the end {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cpus; redis-py reply parser: {_parser()}")
+          f"on {os.cpu_count()} cpus; redis-py reply parser: {parser}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"bench": "buffer", "machine": platform.platform(), "cpus": os.cpu_count(),
                        "loadavg": os.getloadavg(), "redis": "embedded" if server is not None else "external",
-                       "build_steps": args.build_steps, "parser": _parser(),
+                       "build_steps": args.build_steps, "parser": parser,
                        "headline": {"size": head["size"], "producers": head["producers"]},
                        "buffer_vs_raw_xadd": head["ratio"], "rows": rows}, fh, indent=2)
     # key=value lines for `proxmo bench all`; the last one is the headline
@@ -320,12 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _parser() -> str:
-    """Which reply parser redis-py uses: ``hiredis`` (C, the installed default) or ``python``."""
+    """Which reply parser redis-py uses: ``hiredis`` (C, when the package is installed) or ``python`` (the default here)."""
     from redis.utils import HIREDIS_AVAILABLE
 
     return "hiredis" if HIREDIS_AVAILABLE else "python"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

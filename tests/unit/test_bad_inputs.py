@@ -312,8 +312,8 @@ def test_serve_cli_names_a_missing_model_path(tmp_path, capsys):
 
 
 def test_a_fresh_run_moves_an_earlier_run_with_the_same_name_aside(tmp_path):
-    """A second `proxmo train` with the same run_name must not reuse the first one's Redis AOF: its
-    idempotence table would refuse the new run's group ids as duplicates and the learner would wait."""
+    """A second `proxmo train` with the same run_name starts in a clean folder (not on the first one's
+    Redis AOF, checkpoints and metrics), and the first one's folder is kept, not deleted."""
     from services.config import load_config
     from services.driver import TrainingRun
 

@@ -250,16 +250,15 @@ def test_the_update_learns_a_one_step_choice(model_dir, estimator, rewarded):
     learner = Learner(model_dir, cfg, AdvantageConfig(estimator=estimator), LossConfig())
     rng = np.random.default_rng(0)
 
-    def p_rewarded() -> float:
-        lps = _arm_logprobs(learner.model, tok, prompt, arms)
+    def p_rewarded(lps) -> float:
         seq = np.array([lp.sum() for lp in lps], dtype=np.float64)
         p = np.exp(seq - seq.max())
         return float(p[rewarded] / p.sum())  # restricted to the two arms: what the sampler below draws from
 
-    start = p_rewarded()
+    start = p_rewarded(_arm_logprobs(learner.model, tok, prompt, arms))
     for _ in range(8):
-        p = p_rewarded()
         lps = _arm_logprobs(learner.model, tok, prompt, arms)
+        p = p_rewarded(lps)
         groups = []
         for gi in range(4):
             eps = []
@@ -271,5 +270,5 @@ def test_the_update_learns_a_one_step_choice(model_dir, estimator, rewarded):
                     prompt_ids=prompt, response_ids=arms[arm], logprobs=lps[arm])]))
             groups.append(GroupRecord(task_id=f"t{gi}", episodes=eps, group_id=f"g{gi}"))
         learner.update(groups)
-    end = p_rewarded()
+    end = p_rewarded(_arm_logprobs(learner.model, tok, prompt, arms))
     assert end > max(0.9, start + 0.2), (start, end)
