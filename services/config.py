@@ -59,6 +59,11 @@ class EnvConfig:
     # have to spell object names. An answer that is not a listed number is read as text (and
     # projected when action_projection says so). "text" (paper): the model writes the action.
     action_format: str = "text"
+    # "success" (paper): WIN_REWARD at the winning step, 0 otherwise. "score": WIN_REWARD times the
+    # change of the game's normalised score at every step (TextWorldExpress and WebShop report one
+    # in [0, 1]), so an episode earns WIN_REWARD x its final score and a won game still earns
+    # WIN_REWARD in all. Success (and ProxMO's success rate) is the game's own won flag either way.
+    reward: str = "success"
     data_path: str = ""  # ALFWorld / WebShop data folder (empty: the env's own default)
     options: dict[str, Any] = field(default_factory=dict)  # adapter-specific extras
 
@@ -373,6 +378,8 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.env.action_projection in ("none", "nearest"),
           f"env.action_projection must be 'none' or 'nearest', got {cfg.env.action_projection!r}")
     check(0.0 <= cfg.env.projection_min_ratio <= 1.0, "env.projection_min_ratio must be in [0, 1]")
+    check(cfg.env.reward in ("success", "score"),
+          f"env.reward must be 'success' or 'score', got {cfg.env.reward!r}")
     check(cfg.env.action_format in ("text", "index"),
           f"env.action_format must be 'text' or 'index', got {cfg.env.action_format!r}")
     r = cfg.rollout

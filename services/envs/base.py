@@ -80,6 +80,7 @@ class TextEnv(ABC):
         self._done = True
         self._admissible: list[str] = []
         self._canon: dict[str, str] = {}
+        self._score = 0.0
 
     # ---------------------------------------------------------------- adapter hooks
 
@@ -118,6 +119,7 @@ class TextEnv(ABC):
         self.task = task
         self._steps = 0
         self._done = False
+        self._score = float(info.get("score", 0.0))
         self._set_admissible(info.get("admissible_actions", []))
         info["admissible_actions"] = list(self._admissible)
         info.setdefault("task_type", task.task_type)
@@ -160,11 +162,16 @@ class TextEnv(ABC):
         )
         info.setdefault("score", 0.0)
         info.pop("done", None)
+        previous, self._score = self._score, float(info["score"])
         if projected_from is not None:
             info.update(projected_from=projected_from, action=action)
         elif choice is not None:
             info.update(choice=choice, action=action)
-        return StepResult(obs, WIN_REWARD if won else 0.0, self._done, info)
+        if self.cfg.reward == "score":
+            reward = WIN_REWARD * (self._score - previous)
+        else:
+            reward = WIN_REWARD if won else 0.0
+        return StepResult(obs, reward, self._done, info)
 
     def is_admissible(self, action: str) -> bool | None:
         """Whether the lowercased ``action`` is in the current list (None: the env gives no list)."""

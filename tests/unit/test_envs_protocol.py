@@ -9,6 +9,7 @@ import pytest
 
 from services.config import EnvConfig
 from services.envs import (
+    WIN_REWARD,
     EnvInfraError,
     GuardedEnv,
     Task,
@@ -196,6 +197,37 @@ def test_index_answers_play_the_listed_action_and_other_answers_are_text():
     plain.reset(plain.sample_tasks("train", 1, 0)[0])
     assert plain.step("1").info["admissible"] is False
 
+
+
+class _Scored(TextEnv):
+    """A game whose normalised score follows a script: 0.5, 0.5, 0.25 (a mistake undoes), 1.0 (won)."""
+
+    name = "scored"
+    SCORES = [0.5, 0.5, 0.25, 1.0]
+
+    def sample_tasks(self, split, n, seed):
+        return [Task("scored", f"t{i}", i, split) for i in range(n)]
+
+    def _reset(self, task):
+        self._i = 0
+        return "start", {"admissible_actions": ["go"], "task_description": "", "score": 0.0}
+
+    def _step(self, action):
+        score = self.SCORES[self._i]
+        self._i += 1
+        return "moved", {"admissible_actions": ["go"], "score": score, "won": score == 1.0}
+
+
+@pytest.mark.parametrize("mode, rewards", [("success", [0.0, 0.0, 0.0, WIN_REWARD]),
+                                           ("score", [5.0, 0.0, -2.5, 7.5])])
+def test_reward_is_the_win_or_the_change_of_score(mode, rewards):
+    env = _Scored(EnvConfig(reward=mode))
+    for _ in range(2):  # a second episode starts from the reset's score, not the last one's
+        env.reset(env.sample_tasks("train", 1, 0)[0])
+        got = [env.step("go") for _ in range(4)]
+        assert [r.reward for r in got] == pytest.approx(rewards)
+        assert [r.info["won"] for r in got] == [False, False, False, True]  # success is the game's flag
+        assert sum(r.reward for r in got) == pytest.approx(WIN_REWARD)  # a won game earns WIN_REWARD in all
 
 # --------------------------------------------------------------------------- GuardedEnv
 

@@ -32,6 +32,7 @@ def test_overrides_are_typed_and_nested():
 
 # The bad-input corpus for configs: each must fail with a message naming the field.
 BAD = [
+    (["env.reward=points"], "env.reward"),
     (["learner.lrr=1"], "unknown key"),
     (["nosuchsection.x=1"], "unknown key"),
     (["learner.lr=fast"], "learner.lr"),
