@@ -106,6 +106,14 @@ def make_learner(cfg, args) -> Learner:
     # Log-probs are recomputed by the learner: transformers' sampler does not return the policy's.
     learner = Learner(cfg.model.path, dataclasses.replace(cfg.learner, recompute_old_logprobs=True),
                       cfg.algorithm, cfg.loss, temperature=cfg.sampling.temperature)
+    if args.freeze:  # parameters whose name contains one of these substrings are not trained
+        frozen = [n for n, p in learner.model.named_parameters() if any(f in n for f in args.freeze.split(","))]
+        for n, p in learner.model.named_parameters():
+            p.requires_grad_(n not in frozen)
+        print(f"frozen: {', '.join(frozen)}", flush=True)
+    if args.adam_eps:
+        for g in learner.optimizer.param_groups:
+            g["eps"] = args.adam_eps
     if args.optimizer == "sgd":
         learner.optimizer = torch.optim.SGD(learner.model.parameters(), lr=args.lr or cfg.learner.lr,
                                             momentum=args.momentum)
@@ -204,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam: the learner's AdamW")
     p.add_argument("--lr", type=float, default=0.0, help="0: learner.lr")
     p.add_argument("--momentum", type=float, default=0.0, help="sgd only")
+    p.add_argument("--freeze", default="", help="comma list of parameter-name substrings not to train")
+    p.add_argument("--adam-eps", type=float, default=0.0, help="0: the learner's AdamW default")
     p.add_argument("--neg-scale", type=float, default=1.0, help="multiply negative advantages by this")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("overrides", nargs="*")
