@@ -7,6 +7,8 @@ answered quickly. BENCHMARKS.md cites the numbers it printed.
 
     # N iterations of RL, then paired evaluation before/after (same tasks, same seeds)
     .venv/bin/python scripts/rl_probe.py loop --iterations 10 env.action_projection=nearest
+    # the warm start alone on those held-out episodes (e.g. near-greedy: sampling.temperature=0.05)
+    .venv/bin/python scripts/rl_probe.py eval env.action_projection=nearest
     # one update, then the return on the batch's own tasks at theta, theta + step, theta - step
     .venv/bin/python scripts/rl_probe.py direction --optimizer sgd --lr 0.2 env.action_projection=nearest
 
@@ -173,6 +175,17 @@ def cmd_loop(cfg, args, player: Player) -> str:
     return f"before={before.mean():.3f} after={after.mean():.3f} diff={_paired(before, after)}"
 
 
+def cmd_eval(cfg, args, player: Player) -> str:
+    """The warm start alone on the loop's held-out episodes (same tasks and seeds as its 'before')."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path).eval()
+    tasks = player.envs[0].sample_tasks("heldout", args.eval_episodes, seed=7)
+    eps = player.play(model, tasks, 1, seed=1234)
+    lengths = np.bincount([len(e["steps"]) for e in eps], minlength=cfg.env.max_steps + 1)[1:]
+    return f"success={_won(eps).mean():.3f} episodes={len(eps)} steps_histogram={lengths.tolist()}"
+
+
 def cmd_direction(cfg, args, player: Player) -> str:
     learner = make_learner(cfg, args)
     model = learner.model
@@ -202,7 +215,7 @@ def cmd_direction(cfg, args, player: Player) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["loop", "direction"])
+    p.add_argument("command", choices=["loop", "direction", "eval"])
     p.add_argument("--config", default="deploy/configs/quickstart.yaml")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--eval-on", choices=["heldout", "train"], default="heldout")
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.padding_side = "left"
     player = Player(cfg, tok)
     try:
-        result = (cmd_loop if args.command == "loop" else cmd_direction)(cfg, args, player)
+        result = {"loop": cmd_loop, "direction": cmd_direction, "eval": cmd_eval}[args.command](cfg, args, player)
     finally:
         player.close()
     print(f"RESULT {args.command} {' '.join(args.overrides)} {result}")
