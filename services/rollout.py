@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from services.config import EnvConfig, RolloutConfig, SamplingConfig
-from services.contracts import EpisodeRecord, GroupRecord, StepRecord
+from services.contracts import EpisodeRecord, EpisodeSteps, columnar_group
 from services.envs import EnvInfraError, GuardedEnv, Task, make_env
 from services.envs.protocol import build_messages, parse_action
 
@@ -63,7 +63,7 @@ class _Episode:
     observation: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     history: list[tuple[str, str]] = field(default_factory=list)
-    steps: list[StepRecord] = field(default_factory=list)
+    steps: EpisodeSteps = field(default_factory=EpisodeSteps)  # recorded as columns (issue 3)
     won: bool = False
     score: float = 0.0
     done: bool = False
@@ -274,12 +274,9 @@ class RolloutWorker:
         if not valid:
             step_info.update(admissible=len(info.get("admissible_actions", ep.info.get("admissible_actions", []))),
                              reason=reason)
-        ep.steps.append(StepRecord(
-            observation=anchor, action=played, reward=reward, valid=valid, done=done,
-            prompt_ids=np.asarray(prompt_ids, np.int32), response_ids=np.asarray(gen.token_ids, np.int32),
-            logprobs=np.asarray(gen.logprobs, np.float32), policy_version=int(gen.policy_version),
-            info=step_info,
-        ))
+        ep.steps.add(observation=anchor, action=played, reward=reward, valid=valid, done=done,
+                     prompt_ids=prompt_ids, response_ids=gen.token_ids, logprobs=gen.logprobs,
+                     policy_version=int(gen.policy_version), info=step_info)
         if done or len(ep.steps) >= self.env_cfg.max_steps:
             ep.done = True
 
@@ -289,20 +286,25 @@ class RolloutWorker:
         self.stats["infra_failures"] += 1
 
     @staticmethod
-    def _record(ep: _Episode) -> EpisodeRecord:
-        return EpisodeRecord(steps=ep.steps, won=ep.won, score=ep.score,
-                             task_type=ep.info.get("task_type", ep.assignment.task.task_type),
-                             infra_failure=ep.infra_failure, failure_reason=ep.failure_reason)
+    def _fields(ep: _Episode) -> dict[str, Any]:
+        return {"won": ep.won, "score": ep.score, "task_type": ep.info.get("task_type", ep.assignment.task.task_type),
+                "infra_failure": ep.infra_failure, "failure_reason": ep.failure_reason}
+
+    @classmethod
+    def _record(cls, ep: _Episode) -> EpisodeRecord:
+        return columnar_group([ep.steps], [cls._fields(ep)], task_id=ep.assignment.task.task_id).episodes[0]
 
     def _finish(self, a: Assignment, eps: list[_Episode], push: bool) -> GroupSummary:
-        records = [self._record(e) for e in eps]
-        versions = [s.policy_version for e in records for s in e.steps]
-        group = GroupRecord(task_id=a.task.task_id, episodes=records, env_name=a.task.env_name,
-                            task_type=records[0].task_type or a.task.task_type, worker_id=self.worker_id,
-                            # A group whose episodes all failed before any step carries the newest
-                            # version this worker has seen, so it is not mistaken for a stale one.
-                            policy_version=min(versions) if versions else self._last_version, group_id=a.group_id,
-                            finished_at=time.time())
+        fields = [self._fields(e) for e in eps]
+        versions = [v for e in eps for v in e.steps.pv]
+        group = columnar_group(
+            [e.steps for e in eps], fields, task_id=a.task.task_id, env_name=a.task.env_name,
+            task_type=fields[0]["task_type"] or a.task.task_type, worker_id=self.worker_id,
+            # A group whose episodes all failed before any step carries the newest
+            # version this worker has seen, so it is not mistaken for a stale one.
+            policy_version=min(versions) if versions else self._last_version, group_id=a.group_id,
+            finished_at=time.time())
+        records = group.episodes
         pushed = False
         if push and self.buffer is not None:
             self.buffer.push(group)
@@ -311,8 +313,8 @@ class RolloutWorker:
         self.stats["episodes"] += len(records)
         return GroupSummary(
             group_id=a.group_id, task_id=a.task.task_id, task_type=group.task_type, episodes=len(records),
-            steps=sum(len(e.steps) for e in records), successes=sum(e.won for e in records),
-            invalid_steps=sum(not s.valid for e in records for s in e.steps),
+            steps=sum(len(e.steps) for e in eps), successes=sum(e.won for e in records),
+            invalid_steps=sum(e.steps.invalid_steps for e in eps),
             inadmissible_steps=sum(e.inadmissible for e in eps), projected_steps=sum(e.projected for e in eps),
             infra_failures=sum(e.infra_failure for e in records), policy_version=group.policy_version,
             pushed=pushed)

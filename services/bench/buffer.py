@@ -20,18 +20,23 @@ What is compared, in the same run against the same redis-server:
   pipeline's rate when each side has a core; ``one core`` = both phases back
   to back, the rate when everything shares one core.
 
-What is not timed, and why: the producer's groups (one synthetic template,
-copied per group id with ``dataclasses.replace``, sharing its StepRecords) are
-built before the start signal, because the rollout worker builds those records
-anyway; the timed push is what the buffer adds (validation, gathering the
-steps into columns, encoding, XADD). This was already so before issue 3's
-columnar work. Decoding is lazy since then: ``decode_group`` validates the
+What is timed on the producer, and why: what ``RolloutWorker._finish`` does
+once a group's last step is played, i.e. ``columnar_group`` (joining the
+episodes' step columns into the group's) and ``TrajectoryBuffer.push``
+(validation, encoding, zstd, the idempotent XADD). The rollout worker records
+each step straight into its episode's columns while it plays
+(``EpisodeSteps.add``, replacing the StepRecord it built per turn before), so
+those appends happen before the start signal here, as they happen during the
+game there. ``--from-steps`` times the earlier record path instead: groups of
+StepRecords (one synthetic template copied per group id, built before the
+start signal) that push gathers into columns, ~0.45 ms of a realistic group.
+Decoding is lazy since issue 3's columnar work: ``decode_group`` validates the
 columns and builds no StepRecord until ``episode.steps`` is read, so the
-learner here (read + decode + validation + ack, no training) no longer pays
-for the ~0.6 ms of objects per realistic group that the old decoder built;
+learner here (read + decode + validation + ack, no training) does not pay for
+the ~0.6 ms of objects per realistic group that an eager decoder built;
 neither does the training learner, which flattens its batch from the columns
 (``services.learner.flatten_groups``). ``--build-steps`` makes this learner
-read every ``episode.steps`` as well, to measure the old eager cost.
+read every ``episode.steps`` as well, to measure that eager cost.
 
 Also reported: CPU milliseconds per group of each process (producers,
 learner, redis-server from /proc when the server is the embedded one), which
@@ -68,12 +73,13 @@ MODES = ("raw", "concurrent", "phased")
 
 
 def _producer(mode: str, url: str, stream: str, spec: dict[str, int], count: int, seed: int,
-              ready: Any, start: Any, results: Any) -> None:
+              ready: Any, start: Any, results: Any, from_steps: bool = False) -> None:
     """One producer process: build its template group, wait at the barrier, then push or XADD."""
     from services.buffer import TrajectoryBuffer, connect_redis
-    from services.buffer.synthetic import make_group
+    from services.buffer.synthetic import make_group, replay
     from services.codec import encode_group
     from services.config import BufferConfig
+    from services.contracts import columnar_group
 
     template = make_group(**spec, seed=seed)
     if mode == "raw":
@@ -87,12 +93,21 @@ def _producer(mode: str, url: str, stream: str, spec: dict[str, int], count: int
         client.close()
     else:
         buf = TrajectoryBuffer(BufferConfig(stream=stream, max_depth=100_000), url, consumer=f"producer-{seed}")
-        groups = [dataclasses.replace(template, group_id=f"{stream}-{seed}-{i}") for i in range(count)]
-        ready.put(os.getpid())
-        start.wait()
-        cpu = time.process_time()
-        for g in groups:
-            buf.push(g)
+        gids = [f"{stream}-{seed}-{i}" for i in range(count)]
+        if from_steps:  # the StepRecord path: push gathers 400 records into columns
+            groups = [dataclasses.replace(template, group_id=gid) for gid in gids]
+            ready.put(os.getpid())
+            start.wait()
+            cpu = time.process_time()
+            for g in groups:
+                buf.push(g)
+        else:  # what RolloutWorker._finish does after a group's last step: join its columns, push
+            logs, eps, fields = replay(template)  # the steps as the worker recorded them, while it played
+            ready.put(os.getpid())
+            start.wait()
+            cpu = time.process_time()
+            for gid in gids:
+                buf.push(columnar_group(logs, eps, **{**fields, "group_id": gid}))
         buf.close()
     results.put((time.time(), time.process_time() - cpu))
 
@@ -128,7 +143,7 @@ def _drain(learner: Any, want: int, build_steps: bool = False) -> int:
 
 
 def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers: int, groups: int,
-              build_steps: bool = False) -> dict[str, float]:
+              build_steps: bool = False, from_steps: bool = False) -> dict[str, float]:
     """Wall seconds of each phase and CPU seconds of each process for one run of ``mode``."""
     from services.buffer import TrajectoryBuffer, connect_redis
     from services.config import BufferConfig
@@ -139,7 +154,7 @@ def _run_once(mode: str, url: str, server_pid: int | None, size: str, producers:
     per = groups // producers
     learner = None if mode == "raw" else TrajectoryBuffer(BufferConfig(stream=stream, max_depth=100_000), url)
     procs = [ctx.Process(target=_producer, args=(mode, url, stream, SIZES[size], per, 1000 * k + 1,
-                                                 ready, start, results)) for k in range(producers)]
+                                                 ready, start, results, from_steps)) for k in range(producers)]
     for p in procs:
         p.start()
     for _ in procs:
@@ -216,7 +231,7 @@ def _summarize(n: int, runs: dict[str, list[dict[str, float]]]) -> dict[str, Any
 
 
 def run(url: str, server_pid: int | None, producers: list[int], groups: dict[str, int],
-        repeat: int, build_steps: bool = False) -> list[dict[str, Any]]:
+        repeat: int, build_steps: bool = False, from_steps: bool = False) -> list[dict[str, Any]]:
     rows = []
     for size in groups:
         codec = _codec(size)
@@ -225,7 +240,7 @@ def run(url: str, server_pid: int | None, producers: list[int], groups: dict[str
             runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
             for r in range(repeat):
                 for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
-                    runs[mode].append(_run_once(mode, url, server_pid, size, p, n, build_steps))
+                    runs[mode].append(_run_once(mode, url, server_pid, size, p, n, build_steps, from_steps))
             s = _summarize(n, runs)
             eps = SIZES[size]["episodes"]
             rows.append({"size": size, "producers": p, "groups": n, **codec, **s,
@@ -273,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: few groups, one repeat")
     ap.add_argument("--build-steps", action="store_true",
                     help="the learner also builds every episode's StepRecords (the eager decode of schema 4 before issue 3's lazy records)")
+    ap.add_argument("--from-steps", action="store_true",
+                    help="producers push groups of StepRecords, gathered into columns at push (the record "
+                         "path before rollout workers recorded steps as columns)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -296,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     url, server = resolve_redis(args.url, appendfsync="everysec")
     try:
-        rows = run(url, server.pid if server is not None else None, producers, groups, repeat, args.build_steps)
+        rows = run(url, server.pid if server is not None else None, producers, groups, repeat, args.build_steps,
+                   args.from_steps)
     finally:
         if server is not None:
             server.stop()
@@ -311,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"bench": "buffer", "machine": platform.platform(), "cpus": os.cpu_count(),
                        "loadavg": os.getloadavg(), "redis": "embedded" if server is not None else "external",
-                       "build_steps": args.build_steps, "parser": parser,
+                       "build_steps": args.build_steps, "from_steps": args.from_steps, "parser": parser,
                        "headline": {"size": head["size"], "producers": head["producers"]},
                        "buffer_vs_raw_xadd": head["ratio"], "rows": rows}, fh, indent=2)
     # key=value lines for `proxmo bench all`; the last one is the headline

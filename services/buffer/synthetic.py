@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.contracts import EpisodeRecord, GroupRecord, StepRecord
+from services.contracts import EpisodeRecord, EpisodeSteps, GroupRecord, StepRecord, columnar_group
 
 
 def make_group(
@@ -67,3 +67,29 @@ def small_group(policy_version: int = 0, seed: int = 0) -> GroupRecord:
     """A small group (8 episodes x 3 steps, 64-token prompts) for fast tests."""
     return make_group(episodes=8, steps=3, prompt_tokens=64, response_tokens=8,
                       policy_version=policy_version, seed=seed)
+
+
+_EPISODE_FIELDS = ("won", "score", "task_type", "infra_failure", "failure_reason")
+_GROUP_FIELDS = ("task_id", "env_name", "task_type", "worker_id", "policy_version", "group_id",
+                 "created_at", "finished_at", "schema_version")
+
+
+def replay(g: GroupRecord) -> tuple[list[EpisodeSteps], list[dict], dict]:
+    """``g``'s steps appended to :class:`EpisodeSteps` as a rollout worker records them, with the
+    episode and group fields: ``columnar_group(*replay(g))`` is ``g`` in columnar form."""
+    logs = []
+    for e in g.episodes:
+        log = EpisodeSteps()
+        for s in e.steps:
+            log.add(observation=s.observation, action=s.action, reward=s.reward, valid=s.valid, done=s.done,
+                    prompt_ids=s.prompt_ids, response_ids=s.response_ids, logprobs=s.logprobs,
+                    policy_version=s.policy_version, info=s.info)
+        logs.append(log)
+    eps = [{k: getattr(e, k) for k in _EPISODE_FIELDS} for e in g.episodes]
+    return logs, eps, {k: getattr(g, k) for k in _GROUP_FIELDS}
+
+
+def columnar(g: GroupRecord) -> GroupRecord:
+    """``g`` rebuilt through :class:`EpisodeSteps` (see :func:`replay`)."""
+    logs, eps, fields = replay(g)
+    return columnar_group(logs, eps, **fields)
