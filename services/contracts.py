@@ -18,6 +18,12 @@ both were larger than one raw XADD of the record. Readers that want numbers,
 not objects, call :meth:`GroupRecord.step_columns`; re-encoding an untouched
 decoded group reuses its columns. Once ``steps`` is read (or assigned), the
 list is the episode's truth and the columns are no longer used.
+
+The rollout worker builds its groups the same way (session 7): each turn is
+appended to its episode's :class:`EpisodeSteps` columns, and
+:func:`columnar_group` joins the episodes into one :class:`StepColumns` when the
+group is done, so no StepRecord is built on the producer side either and push
+encodes without a per-step gather.
 """
 
 from __future__ import annotations
@@ -180,8 +186,9 @@ class GroupRecord:
         return sum(e.num_steps for e in self.episodes)
 
     def decoded_columns(self) -> StepColumns | None:
-        """The columns this group was decoded from, while they still describe it exactly: every
-        episode lazy (``steps`` never read or assigned), in order, covering the columns. Else None."""
+        """The columns this group was decoded from (or built from, by :func:`columnar_group`), while they
+        still describe it exactly: every episode lazy (``steps`` never read or assigned), in order,
+        covering the columns. Else None."""
         eps = self.episodes
         cols = eps[0].__dict__.get("_cols") if eps else None
         if cols is None or len(eps) != len(cols.ep_steps):
