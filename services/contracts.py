@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -310,7 +310,8 @@ class EpisodeSteps:
         return self.valid.count(False)
 
 
-_EPISODE_DEFAULTS = {"won": False, "score": 0.0, "task_type": "", "infra_failure": False, "failure_reason": ""}
+# every EpisodeRecord field but steps, with its default (EpisodeRecord._lazy bypasses __init__)
+_EPISODE_DEFAULTS = {f.name: f.default for f in fields(EpisodeRecord) if f.name != "steps"}
 
 
 def columnar_group(logs: list[EpisodeSteps], episodes: list[dict[str, Any]], **group: Any) -> GroupRecord:
@@ -340,11 +341,11 @@ def columnar_group(logs: list[EpisodeSteps], episodes: list[dict[str, Any]], **g
         p=flat("p", np.int32), q=flat("q", np.int32), lp=flat("lp", np.float32),
     )
     eps, at = [], 0
-    for log, fields in zip(logs, episodes, strict=True):
-        unknown = set(fields) - set(_EPISODE_DEFAULTS)
+    for log, given in zip(logs, episodes, strict=True):
+        unknown = set(given) - set(_EPISODE_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown EpisodeRecord fields {sorted(unknown)}")
-        eps.append(EpisodeRecord._lazy(cols, at, at + len(log), **{**_EPISODE_DEFAULTS, **fields}))
+        eps.append(EpisodeRecord._lazy(cols, at, at + len(log), **{**_EPISODE_DEFAULTS, **given}))
         at += len(log)
     return GroupRecord(episodes=eps, **group)
 

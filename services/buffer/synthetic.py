@@ -8,6 +8,8 @@ task; log-probs are float noise that does not compress.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 
 from services.contracts import EpisodeRecord, EpisodeSteps, GroupRecord, StepRecord, columnar_group
@@ -69,9 +71,8 @@ def small_group(policy_version: int = 0, seed: int = 0) -> GroupRecord:
                       policy_version=policy_version, seed=seed)
 
 
-_EPISODE_FIELDS = ("won", "score", "task_type", "infra_failure", "failure_reason")
-_GROUP_FIELDS = ("task_id", "env_name", "task_type", "worker_id", "policy_version", "group_id",
-                 "created_at", "finished_at", "schema_version")
+_EPISODE_FIELDS = tuple(f.name for f in fields(EpisodeRecord) if f.name != "steps")
+_GROUP_FIELDS = tuple(f.name for f in fields(GroupRecord) if f.name != "episodes")
 
 
 def replay(g: GroupRecord) -> tuple[list[EpisodeSteps], list[dict], dict]:
