@@ -211,7 +211,6 @@ class GroupRecord:
         return columns_of(self)
 
 
-
 class _Growing:
     """A 1-D array that grows by doubling; ``view()`` is the filled part (no copy)."""
 
@@ -274,8 +273,8 @@ class EpisodeSteps:
             self.q.extend(response_ids)
             self.lp.extend(logprobs)
         except (OverflowError, TypeError, ValueError) as exc:  # not sequences, nested, ids past int32...
-            for col in (self.p, self.q, self.lp):  # keep the columns in step with the lists
-                col.n = sum(self.p_len) if col is self.p else sum(self.q_len)
+            # drop whatever part of this step was appended: the columns stay in step with the lists
+            self.p.n, self.q.n, self.lp.n = sum(self.p_len), sum(self.q_len), sum(self.q_len)
             raise RecordError(f"step {k}: {type(exc).__name__}: {exc}") from exc
         self.p_len.append(len(prompt_ids))
         self.q_len.append(len(response_ids))
