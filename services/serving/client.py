@@ -80,6 +80,7 @@ class PolicyClient:
         self.request_timeout_s = request_timeout_s
         self.scaler: Any = None  # set by deploy_policy: set_replicas(min, max=None)
         self._running_cache, self._running_at = 1, -1e9
+        self._pack_out = None  # publish_weights' packing buffer, reused across versions
         if isinstance(target, str):
             self.mode = "http"
             self.base_url = target.rstrip("/")
@@ -173,6 +174,11 @@ class PolicyClient:
         async with httpx.AsyncClient(timeout=self.request_timeout_s) as client:
             return list(await asyncio.gather(*(one(client, p, prm, s) for p, prm, s in zip(prompt_ids, per, sids))))
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pack_out"] = None  # a model-sized buffer: never shipped with the client
+        return state
+
     # ------------------------------------------------------------------ weights
 
     def _require_store(self) -> Any:
@@ -187,7 +193,9 @@ class PolicyClient:
         if hasattr(store.publish, "remote"):
             import ray
 
-            ref = ray.put(pack_state_dict_array(state_dict))
+            # ray.put copies the array into the object store, so the next version reuses it.
+            self._pack_out = pack_state_dict_array(state_dict, out=self._pack_out)
+            ref = ray.put(self._pack_out)
             ray.get(store.publish.remote(version, [ref]))
         else:
             store.publish(version, [pack_state_dict(state_dict)])

@@ -63,6 +63,34 @@ def test_packed_bytes_are_read_by_the_reference_safetensors_parser(tmp_path):
     assert n % 8 == 0  # data section stays aligned
 
 
+def test_pack_reuses_its_buffer_only_when_it_fits():
+    sd = _state()
+    first = pack_state_dict_array(sd)
+    changed = {k: (v + 1 if v.is_floating_point() else v) for k, v in sd.items()}
+    second = pack_state_dict_array(changed, out=first)
+    assert second is first  # same shapes: written in place
+    assert second.tobytes() == pack_state_dict_array(changed).tobytes()
+    assert torch.equal(unpack_state_dict(second)["bf16"], changed["bf16"])
+    grown = {**sd, "extra": torch.ones(3)}
+    third = pack_state_dict_array(grown, out=first)
+    assert third is not first and set(unpack_state_dict(third)) == set(grown)  # other size: a new buffer
+    assert pack_state_dict_array(sd, out=np.zeros(first.size, np.float32)).dtype == np.uint8  # wrong dtype: new
+    frozen = pack_state_dict_array(sd)
+    frozen.flags.writeable = False
+    assert pack_state_dict_array(sd, out=frozen) is not frozen
+
+
+def test_client_packing_buffer_is_not_shipped_with_the_client():
+    import copy
+    import pickle
+
+    client = PolicyClient("http://127.0.0.1:1")
+    client._pack_out = np.zeros(1 << 20, np.uint8)
+    assert copy.copy(client)._pack_out is None
+    assert len(pickle.dumps(client)) < 100_000
+    assert client._pack_out is not None  # the original keeps it
+
+
 def test_pack_rejects_non_tensors_and_unpack_rejects_garbage():
     with pytest.raises(WeightError, match="not a tensor"):
         pack_state_dict({"a": [1, 2]})
