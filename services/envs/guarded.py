@@ -11,7 +11,10 @@ Two ways to enforce the deadline:
 
 * ``isolate=True`` (default): every call runs in a helper thread and the caller
   waits with a timeout, so control returns even from a hang that closing the
-  env cannot interrupt (pure-Python or C code, e.g. the PDDL planner).
+  env cannot interrupt (pure-Python or C code, e.g. the PDDL planner). The
+  watchdog below runs as well: a caller held up by the hung simulator itself
+  (a py4j finalizer run by the garbage collector blocks on a frozen JVM's
+  socket) is freed when the watchdog kills the JVM at the deadline.
 * ``isolate=False``: the call runs in the caller's thread and one watchdog
   thread per env kills the environment when the deadline passes. Killing the
   JVM (TextWorldExpress, ScienceWorld) makes the stuck call raise, so control
@@ -67,27 +70,33 @@ class GuardedEnv:
     # ------------------------------------------------------------ plumbing
 
     def _call(self, fn: Callable[..., Any], timeout: float, what: str, *args: Any) -> Any:
-        if self.isolate:
-            return self._call_isolated(fn, timeout, what, *args)
+        # Both modes arm the watchdog: it kills the environment when the deadline passes. In the
+        # isolated mode the caller also stops waiting at the deadline, but it can itself be held up
+        # by the hung simulator, e.g. by a py4j finalizer that the garbage collector runs in the
+        # caller's thread and that blocks on the frozen JVM's socket; only killing the JVM frees it.
         if self._watchdog is None:
             self._watchdog = threading.Thread(target=self._watch_loop, name="guarded-env-watchdog", daemon=True)
             self._watchdog.start()
         token = object()
         self._watch = (time.monotonic() + timeout, token)
         try:
-            result = fn(*args)
-        except TaskError:
+            if self.isolate:
+                return self._call_isolated(fn, timeout, what, token, *args)
+            try:
+                result = fn(*args)
+            except TaskError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every env failure is an infra outcome
+                self._watch = None
+                if self._fired is token:
+                    self._fail(f"{what} timed out after {timeout:.1f}s", exc)
+                self._fail(f"{what} raised {type(exc).__name__}: {exc}", exc)
             self._watch = None
-            raise
-        except Exception as exc:  # noqa: BLE001 - every env failure is an infra outcome
+            if self._fired is token:  # it returned, but only after the watchdog closed the env
+                self._fail(f"{what} timed out after {timeout:.1f}s", None)
+            return result
+        finally:
             self._watch = None
-            if self._fired is token:
-                self._fail(f"{what} timed out after {timeout:.1f}s", exc)
-            self._fail(f"{what} raised {type(exc).__name__}: {exc}", exc)
-        self._watch = None
-        if self._fired is token:  # it returned, but only after the watchdog closed the env
-            self._fail(f"{what} timed out after {timeout:.1f}s", None)
-        return result
 
     def _watch_loop(self) -> None:
         while not self._stop.wait(self._period):
@@ -98,18 +107,23 @@ class GuardedEnv:
                 if env is not None:
                     _quiet_close(env)  # kills the JVM: the stuck call raises in the caller's thread
 
-    def _call_isolated(self, fn: Callable[..., Any], timeout: float, what: str, *args: Any) -> Any:
+    def _call_isolated(self, fn: Callable[..., Any], timeout: float, what: str, token: object, *args: Any) -> Any:
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guarded-env")
         fut = self._pool.submit(fn, *args)
         try:
-            return fut.result(timeout=timeout)
+            result = fut.result(timeout=timeout)
         except TaskError:
             raise
         except cf.TimeoutError:
             self._fail(f"{what} timed out after {timeout:.1f}s", None)
         except Exception as exc:  # noqa: BLE001 - every env failure is an infra outcome
+            if self._fired is token:  # the watchdog killed the env first
+                self._fail(f"{what} timed out after {timeout:.1f}s", exc)
             self._fail(f"{what} raised {type(exc).__name__}: {exc}", exc)
+        if self._fired is token:  # it returned, but only after the watchdog closed the env
+            self._fail(f"{what} timed out after {timeout:.1f}s", None)
+        return result
 
     def _fail(self, msg: str, exc: BaseException | None) -> None:
         self.infra_failures += 1

@@ -287,6 +287,28 @@ def test_webshop_catalog_score_success_split():
         make_env(EnvConfig(name="webshop", data_path="/nonexistent"))
 
 
+def _wait_until_stopped(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGSTOP is delivered asynchronously: until every thread of the JVM is stopped, a request can
+    still be answered (seen: a step returned in 1 ms right after the signal on a busy 2-core host)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+        if states and all(s in "tT" for s in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"JVM {pid} not stopped after {timeout_s} s: thread states {sorted(set(states))}")
+        time.sleep(0.01)
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("isolate", [False, True])
 def test_twx_frozen_jvm_times_out_and_heals(isolate):
@@ -298,6 +320,7 @@ def test_twx_frozen_jvm_times_out_and_heals(isolate):
     obs, _ = g.reset(task)
     proc = g.env.java_process
     proc.send_signal(signal.SIGSTOP)  # the JVM stops answering: the step call hangs
+    _wait_until_stopped(proc.pid)
     try:
         t = time.perf_counter()
         with pytest.raises(EnvInfraError, match="timed out"):
@@ -307,5 +330,58 @@ def test_twx_frozen_jvm_times_out_and_heals(isolate):
         assert time.perf_counter() - t < 30
     finally:
         proc.kill()
+    assert g.reset(task)[0] == obs and g.restarts == 1
+    g.close()
+
+
+@pytest.mark.faults
+def test_isolated_guard_frees_a_caller_held_up_by_the_frozen_jvm(monkeypatch):
+    """The caller of an isolated guard can itself block on a frozen JVM: the garbage collector runs
+    py4j's finalizers (a "release object" command to the JVM) in whatever thread allocates, so the
+    caller's thread can be stuck on the JVM's socket before it ever waits for its deadline. The
+    watchdog must kill the JVM at the deadline. Here the caller's wait first makes such a call."""
+    import concurrent.futures as cf
+    import signal
+    import threading
+    import time
+
+    g = GuardedEnv(lambda: make_env(EnvConfig(max_steps=20)), step_timeout_s=2, isolate=True)
+    task = g.sample_tasks("train", 1, 0)[0]
+    obs, _ = g.reset(task)
+    proc = g.env.java_process
+    jvm = g.env.simulator._gateway.jvm
+    original = cf.Future.result
+
+    def held_up_result(fut, timeout=None):
+        if threading.current_thread() is caller:
+            try:
+                jvm.java.lang.System.currentTimeMillis()  # blocks until the JVM dies
+            except Exception:  # noqa: BLE001 - the killed JVM's socket fails the call
+                pass
+        return original(fut, timeout)
+
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        t = time.perf_counter()
+        try:
+            g.step("look around")
+        except EnvInfraError as exc:
+            outcome["error"] = str(exc)
+        outcome["seconds"] = time.perf_counter() - t
+
+    caller = threading.Thread(target=call, daemon=True)
+    proc.send_signal(signal.SIGSTOP)
+    _wait_until_stopped(proc.pid)
+    monkeypatch.setattr(cf.Future, "result", held_up_result)
+    try:
+        caller.start()
+        caller.join(60)
+    finally:
+        monkeypatch.undo()
+        proc.kill()
+    assert not caller.is_alive(), "the guarded call never returned: nothing killed the frozen JVM"
+    assert "timed out" in str(outcome.get("error")) and outcome["seconds"] < 30
+    assert proc.wait(5) is not None
     assert g.reset(task)[0] == obs and g.restarts == 1
     g.close()
