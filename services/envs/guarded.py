@@ -80,18 +80,16 @@ class GuardedEnv:
         token = object()
         self._watch = (time.monotonic() + timeout, token)
         try:
-            if self.isolate:
-                return self._call_isolated(fn, timeout, what, token, *args)
             try:
-                result = fn(*args)
+                result = self._run_isolated(fn, timeout, *args) if self.isolate else fn(*args)
             except TaskError:
                 raise
+            except cf.TimeoutError:  # the isolated caller stopped waiting at the deadline
+                self._fail(f"{what} timed out after {timeout:.1f}s", None)
             except Exception as exc:  # noqa: BLE001 - every env failure is an infra outcome
-                self._watch = None
-                if self._fired is token:
+                if self._fired is token:  # the watchdog killed the env: that is why the call failed
                     self._fail(f"{what} timed out after {timeout:.1f}s", exc)
                 self._fail(f"{what} raised {type(exc).__name__}: {exc}", exc)
-            self._watch = None
             if self._fired is token:  # it returned, but only after the watchdog closed the env
                 self._fail(f"{what} timed out after {timeout:.1f}s", None)
             return result
@@ -107,23 +105,10 @@ class GuardedEnv:
                 if env is not None:
                     _quiet_close(env)  # kills the JVM: the stuck call raises in the caller's thread
 
-    def _call_isolated(self, fn: Callable[..., Any], timeout: float, what: str, token: object, *args: Any) -> Any:
+    def _run_isolated(self, fn: Callable[..., Any], timeout: float, *args: Any) -> Any:
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guarded-env")
-        fut = self._pool.submit(fn, *args)
-        try:
-            result = fut.result(timeout=timeout)
-        except TaskError:
-            raise
-        except cf.TimeoutError:
-            self._fail(f"{what} timed out after {timeout:.1f}s", None)
-        except Exception as exc:  # noqa: BLE001 - every env failure is an infra outcome
-            if self._fired is token:  # the watchdog killed the env first
-                self._fail(f"{what} timed out after {timeout:.1f}s", exc)
-            self._fail(f"{what} raised {type(exc).__name__}: {exc}", exc)
-        if self._fired is token:  # it returned, but only after the watchdog closed the env
-            self._fail(f"{what} timed out after {timeout:.1f}s", None)
-        return result
+        return self._pool.submit(fn, *args).result(timeout=timeout)
 
     def _fail(self, msg: str, exc: BaseException | None) -> None:
         self.infra_failures += 1
