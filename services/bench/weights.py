@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -100,10 +99,11 @@ def measure_transfer(sd: dict[str, torch.Tensor], receiver: Any, reps: int) -> d
             into[k].copy_(v)
         row["copy_into_s"] = time.perf_counter() - t0
         for stage in (False, True):
+            first = out is None
             t0 = time.perf_counter()
             out = pack_state_dict_array(sd, out=out)
             t1 = time.perf_counter()
-            if math.isnan(pack_first_s):
+            if first:
                 pack_first_s = t1 - t0
             ref = ray.put(out)
             t2 = time.perf_counter()
