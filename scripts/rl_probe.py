@@ -11,6 +11,8 @@ answered quickly. BENCHMARKS.md cites the numbers it printed.
     .venv/bin/python scripts/rl_probe.py eval env.action_projection=nearest
     # one update, then the return on the batch's own tasks at theta, theta + step, theta - step
     .venv/bin/python scripts/rl_probe.py direction --optimizer sgd --lr 0.2 env.action_projection=nearest
+    # how much of one batch's gradient is signal (pairwise cosine of independent batches' gradients)
+    .venv/bin/python scripts/rl_probe.py snr --batches 6
 
 Trailing ``key=value`` arguments override deploy/configs/quickstart.yaml as for `proxmo train`.
 The last line is ``RESULT ...``.
@@ -106,13 +108,10 @@ def groups_of(tasks, episodes: list[dict], group_size: int) -> list[GroupRecord]
 
 def make_learner(cfg, args) -> Learner:
     # Log-probs are recomputed by the learner: transformers' sampler does not return the policy's.
-    learner = Learner(cfg.model.path, dataclasses.replace(cfg.learner, recompute_old_logprobs=True),
-                      cfg.algorithm, cfg.loss, temperature=cfg.sampling.temperature)
-    if args.freeze:  # parameters whose name contains one of these substrings are not trained
-        frozen = [n for n, p in learner.model.named_parameters() if any(f in n for f in args.freeze.split(","))]
-        for n, p in learner.model.named_parameters():
-            p.requires_grad_(n not in frozen)
-        print(f"frozen: {', '.join(frozen)}", flush=True)
+    lcfg = dataclasses.replace(cfg.learner, recompute_old_logprobs=True, freeze=args.freeze or cfg.learner.freeze)
+    learner = Learner(cfg.model.path, lcfg, cfg.algorithm, cfg.loss, temperature=cfg.sampling.temperature)
+    if learner.frozen:
+        print(f"frozen: {', '.join(learner.frozen)}", flush=True)
     if args.adam_eps:
         for g in learner.optimizer.param_groups:
             g["eps"] = args.adam_eps
@@ -213,9 +212,55 @@ def cmd_direction(cfg, args, player: Player) -> str:
             f"J_minus={jm.mean():.3f} diff_minus={_paired(j0, jm)}")
 
 
+def cmd_snr(cfg, args, player: Player) -> str:
+    """How much of one batch's policy gradient is signal: the gradients of ``--batches`` independent
+    batches (same weights, no step taken), and the mean cosine between pairs of them. For gradients
+    g_i = g + noise_i, E[g_i . g_j] = |g|^2, so mean pairwise dot / mean squared norm estimates the
+    share of the squared norm that the expected gradient accounts for. Printed per module, too.
+    The loss is the policy-gradient term alone (no entropy bonus, no KL)."""
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, entropy_coef=0.0, kl_coef=0.0))
+    learner = make_learner(cfg, args)
+    for group in learner.optimizer.param_groups:  # the update's optimizer step must not move the weights
+        group["lr"] = 0.0
+    learner.scheduler.base_lrs = [0.0] * len(learner.scheduler.base_lrs)
+    model, g = learner.model, cfg.rollout.group_size
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads, success = [], []
+    for k in range(args.batches):
+        tasks = player.envs[0].sample_tasks("train", cfg.learner.groups_per_batch, seed=500 + k)
+        model.eval()
+        eps = player.play(model, tasks, g, seed=k)
+        model.train()
+        learner.update(groups_of(tasks, eps, g))  # leaves the (clipped) gradient in .grad
+        grads.append(torch.cat([p.grad.flatten() for _, p in named]).clone())
+        success.append(_won(eps).mean())
+        print(f"batch {k}: success={success[-1]:.3f} grad_norm={float(grads[-1].norm()):.3f}", flush=True)
+    grad = torch.stack(grads)
+    off = ~torch.eye(len(grads), dtype=torch.bool)
+
+    def share(x: torch.Tensor) -> tuple[float, float]:
+        dots = x @ x.T
+        return float(dots[off].mean() / dots.diagonal().mean()), float(dots.diagonal().mean())
+
+    modules: dict[str, list] = {}
+    at = 0
+    for n, p in named:
+        key = n.split(".")[2] if ".layers." in n else n.rsplit(".", 1)[0]
+        key = f"layer {key}" if key.isdigit() else key
+        modules.setdefault(key, []).append(slice(at, at + p.numel()))
+        at += p.numel()
+    total = share(grad)[1]
+    for key, parts in modules.items():
+        s, sq = share(torch.cat([grad[:, sl] for sl in parts], dim=1))
+        print(f"  {key:28s} signal_share={s:+.3f} of_squared_norm={sq / total:.3f}", flush=True)
+    cos = torch.nn.functional.cosine_similarity(grad[:, None], grad[None], dim=-1)[off]
+    return (f"batches={len(grads)} success={np.mean(success):.3f} pairwise_cos={float(cos.mean()):.3f} "
+            f"signal_share={share(grad)[0]:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["loop", "direction", "eval"])
+    p.add_argument("command", choices=["loop", "direction", "eval", "snr"])
     p.add_argument("--config", default="deploy/configs/quickstart.yaml")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--eval-on", choices=["heldout", "train"], default="heldout")
@@ -228,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--freeze", default="", help="comma list of parameter-name substrings not to train")
     p.add_argument("--adam-eps", type=float, default=0.0, help="0: the learner's AdamW default")
     p.add_argument("--neg-scale", type=float, default=1.0, help="multiply negative advantages by this")
+    p.add_argument("--batches", type=int, default=6, help="snr: independent batches")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
@@ -239,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     tok.padding_side = "left"
     player = Player(cfg, tok)
     try:
-        result = {"loop": cmd_loop, "direction": cmd_direction, "eval": cmd_eval}[args.command](cfg, args, player)
+        commands = {"loop": cmd_loop, "direction": cmd_direction, "eval": cmd_eval, "snr": cmd_snr}
+        result = commands[args.command](cfg, args, player)
     finally:
         player.close()
     print(f"RESULT {args.command} {' '.join(args.overrides)} {result}")

@@ -169,6 +169,9 @@ class LearnerConfig:
     seed: int = 0
     recompute_old_logprobs: bool = False  # True: old log-probs from the learner, not the sampler
     torch_threads: int = 0  # CPU learner: intra-op threads (0: round(num_cpus), at least 1)
+    # Comma-separated substrings of parameter names that the RL update leaves as they are (e.g.
+    # "embed_tokens"). Empty: train everything. Every entry must match at least one parameter.
+    freeze: str = ""
 
 
 @dataclass
@@ -350,6 +353,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 _ESTIMATORS_HINT = "grpo, gigpo, proxmo, proxmo_modulation_only, proxmo_soft_only"
 
 
+def freeze_patterns(spec: str) -> list[str]:
+    """``learner.freeze`` as a list: "embed_tokens, layers.0." -> ["embed_tokens", "layers.0."]."""
+    return [part.strip() for part in spec.split(",")] if spec.strip() else []
+
+
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks; raise on the first problem with its dotted path."""
     errors: list[str] = []
@@ -408,6 +416,8 @@ def validate(cfg: TrainConfig) -> None:
     check(lr.groups_per_batch >= 1 and lr.micro_batch_size >= 1, "learner.groups_per_batch and micro_batch_size must be >= 1")
     check(lr.ppo_mini_batches >= 1, f"learner.ppo_mini_batches must be >= 1, got {lr.ppo_mini_batches}")
     check(lr.device in ("auto", "cpu", "cuda"), f"learner.device must be auto|cpu|cuda, got {lr.device!r}")
+    check(isinstance(lr.freeze, str) and all(freeze_patterns(lr.freeze)),
+          f"learner.freeze must be a comma-separated list of parameter-name parts, got {lr.freeze!r}")
     check(cfg.sampling.max_tokens >= 1, "sampling.max_tokens must be >= 1")
     check(cfg.model.max_model_len >= cfg.sampling.max_tokens + 16, "model.max_model_len too small for sampling.max_tokens")
     if cfg.mode == "async":

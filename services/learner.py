@@ -35,7 +35,7 @@ import services.featurizers  # noqa: F401  (registers the "minilm" featurizer; t
 from proxmo import AdvantageInputs, compute_advantages
 from proxmo.config import AdvantageConfig, LossConfig
 from proxmo.losses import policy_loss
-from services.config import LearnerConfig
+from services.config import LearnerConfig, freeze_patterns
 from services.contracts import GroupRecord
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,27 @@ def flatten_groups(groups: list[GroupRecord]) -> Rows:
                              anchor=anchor, success=success, mask=mask)
     trainable = np.array([m and len(r.response_ids) > 0 for m, r in zip(mask, rows)], dtype=bool)
     return Rows(inputs=inputs, steps=rows, trainable=trainable)
+
+
+def freeze_parameters(model, patterns: list[str]) -> list[str]:
+    """Stop training every parameter whose name contains one of ``patterns``; returns their names.
+
+    Measured on the quick start (BENCHMARKS.md, session 9): most of an RL gradient's norm sits in
+    the token embeddings, where every prompt token of every row adds to it; a change there moves
+    every state at once.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(p in n for n in names)]
+    if unmatched:
+        raise ValueError(f"learner.freeze: {', '.join(map(repr, unmatched))} match no parameter of the model "
+                         f"(names look like {names[0]!r})")
+    frozen = [n for n, p in model.named_parameters() if any(pat in n for pat in patterns)]
+    if patterns and len(frozen) == len(names):
+        raise ValueError("learner.freeze leaves no parameter to train")
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
 
 
 def pick_device(name: str) -> torch.device:
@@ -191,11 +212,13 @@ class Learner:
         tdtype = getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=tdtype).to(self.device)
         self.model.train()
+        self.frozen = freeze_parameters(self.model, freeze_patterns(cfg.freeze))
         self.ref_model = None
         if loss.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=tdtype).to(self.device)
             self.ref_model.eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                           betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -329,7 +352,11 @@ class Learner:
         self.model.load_state_dict(loaded.state_dict())
         # Local trusted file written by save_checkpoint (never crosses the network).
         state = torch.load(path / CHECKPOINT_STATE, map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # another set of trained parameters than the checkpoint's
+            raise ValueError(f"{path}: the optimizer state does not fit the parameters this learner trains "
+                             f"(was learner.freeze changed since the checkpoint? now {self.cfg.freeze!r}): {exc}") from exc
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])

@@ -59,6 +59,7 @@ BAD = [
     (["model.tiny_heads=3"], "tiny_heads"),
     (["model.tiny_hidden=6", "model.tiny_heads=2"], "even head size"),
     (["model.tiny_layers=0"], "tiny_layers"),
+    (["learner.freeze=embed_tokens,,lm_head"], "learner.freeze"),
 ]
 
 

@@ -77,6 +77,32 @@ def test_update_changes_weights_and_reports(model_dir):
     assert m["rows"] == 2 * 3 * 3
 
 
+def test_frozen_parameters_stay_and_the_rest_trains(model_dir):
+    learner = _learner(model_dir, freeze="embed_tokens, layers.0.")
+    assert learner.frozen and all("embed_tokens" in n or "layers.0." in n for n in learner.frozen)
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    learner.update(_groups(model_dir))
+    after = dict(learner.model.named_parameters())
+    for n, p in after.items():
+        assert torch.equal(before[n], p.detach()) == (n in learner.frozen), n
+    assert "lm_head.weight" not in learner.frozen
+
+
+def test_freeze_that_matches_nothing_or_everything_is_refused(model_dir):
+    with pytest.raises(ValueError, match="match no parameter"):
+        _learner(model_dir, freeze="embed_tokens,no_such_part")
+    with pytest.raises(ValueError, match="no parameter to train"):
+        _learner(model_dir, freeze="weight")
+
+
+def test_resume_with_another_freeze_is_a_clear_error(model_dir, tmp_path):
+    a = _learner(model_dir)
+    a.update(_groups(model_dir))
+    ckpt = a.save_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="learner.freeze"):
+        _learner(model_dir, freeze="embed_tokens").load_checkpoint(ckpt)
+
+
 def test_microbatch_split_does_not_change_the_update(model_dir):
     groups = _groups(model_dir)
     a, b = _learner(model_dir, micro_batch_size=1), _learner(model_dir, micro_batch_size=64)
