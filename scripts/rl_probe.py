@@ -198,12 +198,16 @@ def cmd_direction(cfg, args, player: Player) -> str:
     model.eval()
     plus = [p.detach().clone() for p in model.parameters()]
     minus = [2 * a - b for a, b in zip(theta0, plus)]  # the same step, the other way
+    # --direction-eval heldout: the return on unseen tasks (does the step generalise?) instead of the batch's own
+    eval_tasks, reps = tasks, args.eval_repeats
+    if args.direction_eval == "heldout":
+        eval_tasks, reps = player.envs[0].sample_tasks("heldout", args.eval_episodes, seed=7), 1
 
     def ret(tag: str, params) -> np.ndarray:
         with torch.no_grad():
             for p, q in zip(model.parameters(), params):
                 p.copy_(q)
-        w = _won(player.play(model, tasks, args.eval_repeats, seed=4321))
+        w = _won(player.play(model, eval_tasks, reps, seed=4321))
         print(f"{tag}: return={w.mean():.3f}", flush=True)
         return w
 
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-episodes", type=int, default=256)
     p.add_argument("--eval-repeats", type=int, default=32, help="direction: episodes per batch task")
     p.add_argument("--task-seed", type=int, default=1000)
+    p.add_argument("--direction-eval", choices=["batch", "heldout"], default="batch",
+                   help="direction: measure the return on the batch's tasks or on --eval-episodes held-out ones")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam: the learner's AdamW")
     p.add_argument("--lr", type=float, default=0.0, help="0: learner.lr")
     p.add_argument("--momentum", type=float, default=0.0, help="sgd only")
