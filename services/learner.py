@@ -99,13 +99,12 @@ def freeze_parameters(model, patterns: list[str]) -> list[str]:
     if unmatched:
         raise ValueError(f"learner.freeze: {', '.join(map(repr, unmatched))} match no parameter of the model "
                          f"(names look like {names[0]!r})")
-    frozen = [n for n, p in model.named_parameters() if any(pat in n for pat in patterns)]
-    if patterns and len(frozen) == len(names):
+    chosen = [(n, p) for n, p in model.named_parameters() if any(pat in n for pat in patterns)]
+    if patterns and len(chosen) == len(names):
         raise ValueError("learner.freeze leaves no parameter to train")
-    for n, p in model.named_parameters():
-        if n in frozen:
-            p.requires_grad_(False)
-    return frozen
+    for _, p in chosen:
+        p.requires_grad_(False)
+    return [n for n, _ in chosen]
 
 
 def pick_device(name: str) -> torch.device:
