@@ -253,13 +253,13 @@ def cmd_snr(cfg, args, player: Player) -> str:
         key = f"layer {key}" if key.isdigit() else key
         modules.setdefault(key, []).append(slice(at, at + p.numel()))
         at += p.numel()
-    total = share(grad)[1]
+    overall, total = share(grad)
     for key, parts in modules.items():
         s, sq = share(torch.cat([grad[:, sl] for sl in parts], dim=1))
         print(f"  {key:28s} signal_share={s:+.3f} of_squared_norm={sq / total:.3f}", flush=True)
     cos = torch.nn.functional.cosine_similarity(grad[:, None], grad[None], dim=-1)[off]
     return (f"batches={len(grads)} success={np.mean(success):.3f} pairwise_cos={float(cos.mean()):.3f} "
-            f"signal_share={share(grad)[0]:.3f}")
+            f"signal_share={overall:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
