@@ -183,6 +183,7 @@ class SFTConfig:
     batch_size: int = 32
     epochs: float = 1.2  # passes over the demonstrations (cosine schedule over this many steps)
     seconds: float = 900.0  # hard time cap; stops early (and says so) on a slow machine
+    demo_noise: float = 0.0  # imperfect demonstrator: this share of demonstrated steps is labelled with a random other admissible action
 
 
 @dataclass
@@ -470,4 +471,5 @@ def _validate_limits(cfg: TrainConfig, check) -> None:
           "serving.max_ongoing_requests must be >= 1 and serving.request_timeout_s > 0")
     check(cfg.sft.batch_size >= 1 and cfg.sft.epochs > 0 and cfg.sft.seconds > 0,
           "sft.batch_size must be >= 1, sft.epochs and sft.seconds > 0")
+    check(0.0 <= cfg.sft.demo_noise < 1.0, f"sft.demo_noise must be in [0, 1), got {cfg.sft.demo_noise}")
     check(cfg.ray.num_cpus >= 0, f"ray.num_cpus must be >= 0, got {cfg.ray.num_cpus}")

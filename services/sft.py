@@ -131,16 +131,20 @@ def prompt_fingerprint(env: EnvConfig) -> dict[str, Any]:
     return {**{k: getattr(env, k) for k in PROMPT_FIELDS}, "template": str(env.options.get("template", ""))}
 
 
-def _stale_warm_start(path: Path, env: EnvConfig) -> list[str]:
-    """Prompt settings that differ between the tiny model at ``path`` and ``env`` (``[]``: none or unknown)."""
+def _stale_warm_start(path: Path, env: EnvConfig, demo_noise: float | None = None) -> list[str]:
+    """Settings that differ between the tiny model at ``path`` and ``env`` / ``demo_noise`` (``[]``: none or unknown)."""
     try:
-        built = json.loads((path / "sft_stats.json").read_text()).get("env")
+        record = json.loads((path / "sft_stats.json").read_text())
     except (OSError, ValueError):
         return []  # not built here, or built before the settings were recorded: trust the user's folder
+    built = record.get("env") if isinstance(record, dict) else None
     if not isinstance(built, dict):
         return []
     now = prompt_fingerprint(env)
-    return [f"{k}: {built[k]!r} -> {now[k]!r}" for k in now if k in built and built[k] != now[k]]
+    stale = [f"{k}: {built[k]!r} -> {now[k]!r}" for k in now if k in built and built[k] != now[k]]
+    if demo_noise is not None and float(record.get("demo_noise", 0.0)) != demo_noise:  # older records: clean expert
+        stale.append(f"sft.demo_noise: {float(record.get('demo_noise', 0.0))} -> {demo_noise}")
+    return stale
 
 
 def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: int = 0) -> str:
@@ -153,10 +157,10 @@ def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: 
 
     path = Path(model.path)
     if (path / "config.json").is_file():
-        stale = _stale_warm_start(path, env) if model.tiny else []
+        stale = _stale_warm_start(path, env, sft.demo_noise) if model.tiny else []
         if not stale:
             return str(path)
-        log.warning("model.path %s was warm-started for other prompt settings (%s); rebuilding it",
+        log.warning("model.path %s was warm-started with other settings (%s); rebuilding it",
                     path, "; ".join(stale))
     if not model.tiny:
         raise ConfigError(
@@ -166,7 +170,7 @@ def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: 
     from services.serving.tiny_model import build_tiny_model
 
     t0 = time.perf_counter()
-    examples = expert_examples(env, sft.episodes, seed=seed + 1_000_003, split="train")
+    examples = expert_examples(env, sft.episodes, seed=seed + 1_000_003, split="train", noise=sft.demo_noise)
     log.info("warm start: %d expert examples in %.1f s", len(examples), time.perf_counter() - t0)
     base = path.with_name(path.name + ".init")
     if base.exists():
@@ -176,7 +180,8 @@ def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: 
                      intermediate=model.tiny_intermediate)
     tmp = path.with_name(path.name + ".tmp")
     stats = sft_train(base, examples, sft, seed=seed, max_len=model.max_model_len, out_dir=tmp)
-    (tmp / "sft_stats.json").write_text(json.dumps({**stats, "env": prompt_fingerprint(env)}, indent=2))
+    (tmp / "sft_stats.json").write_text(json.dumps({**stats, "demo_noise": sft.demo_noise, "env": prompt_fingerprint(env)},
+                                                  indent=2))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +31,14 @@ from services.envs.protocol import answer_for, build_messages, format_response
 log = logging.getLogger(__name__)
 
 
-def run_expert(env: TextEnv, task, cfg: EnvConfig) -> tuple[list[dict], bool, int]:
-    """Play ``task`` with the env's expert; returns (examples, won, steps)."""
+def run_expert(env: TextEnv, task, cfg: EnvConfig, noise: float = 0.0,
+               rng: random.Random | None = None) -> tuple[list[dict], bool, int]:
+    """Play ``task`` with the env's expert; returns (examples, won, steps).
+
+    ``noise`` > 0 makes an imperfect demonstrator: each step's *label* is, with that probability, a
+    uniformly drawn other admissible action, while the env still executes the expert's action (so
+    every kept episode is won and the states are the expert's).
+    """
     obs, info = env.reset(task)
     plan = env.expert_actions()
     if not plan:
@@ -44,7 +51,11 @@ def run_expert(env: TextEnv, task, cfg: EnvConfig) -> tuple[list[dict], bool, in
     for step, raw in enumerate(plan):
         action = " ".join(raw.split()).lower()
         messages = build_messages(desc, history, obs, admissible, step, cfg)
-        examples.append({"messages": messages, "response": format_response(answer_for(action, admissible, cfg)),
+        label = action
+        others = [a for a in admissible if a != action]
+        if noise > 0 and others and rng is not None and rng.random() < noise:
+            label = rng.choice(others)
+        examples.append({"messages": messages, "response": format_response(answer_for(label, admissible, cfg)),
                          "task_type": task.task_type, "task_id": task.task_id, "step": step})
         res = env.step(action)
         history.append((obs, action))
@@ -56,8 +67,10 @@ def run_expert(env: TextEnv, task, cfg: EnvConfig) -> tuple[list[dict], bool, in
 
 
 def expert_episodes(cfg: EnvConfig, n_episodes: int, seed: int, split: str = "train",
-                    env: TextEnv | None = None) -> tuple[list[dict], dict[str, Any]]:
+                    env: TextEnv | None = None, noise: float = 0.0) -> tuple[list[dict], dict[str, Any]]:
     """Examples from the won episodes of ``n_episodes`` sampled tasks, plus counts.
+
+    ``noise``: label noise of an imperfect demonstrator (see :func:`run_expert`); seeded by ``seed``.
 
     A caller-supplied ``env`` keeps its own step cap; make it at least the expert's plan length.
     """
@@ -67,9 +80,10 @@ def expert_episodes(cfg: EnvConfig, n_episodes: int, seed: int, split: str = "tr
     env = env or make_env(cfg)
     out: list[dict] = []
     stats = {"episodes": 0, "won": 0, "dropped": 0}
+    rng = random.Random(seed)
     try:
         for task in env.sample_tasks(split, n_episodes, seed):
-            examples, won, _ = run_expert(env, task, cfg)
+            examples, won, _ = run_expert(env, task, cfg, noise, rng)
             stats["episodes"] += 1
             if won:
                 stats["won"] += 1
@@ -83,9 +97,10 @@ def expert_episodes(cfg: EnvConfig, n_episodes: int, seed: int, split: str = "tr
     return out, stats
 
 
-def expert_examples(cfg: EnvConfig, n_episodes: int, seed: int, split: str = "train") -> list[dict]:
+def expert_examples(cfg: EnvConfig, n_episodes: int, seed: int, split: str = "train",
+                    noise: float = 0.0) -> list[dict]:
     """``[{"messages", "response", "task_type", ...}]`` for SFT, from won expert episodes."""
-    return expert_episodes(cfg, n_episodes, seed, split)[0]
+    return expert_episodes(cfg, n_episodes, seed, split, noise=noise)[0]
 
 
 def main(argv: list[str]) -> int:

@@ -44,6 +44,26 @@ def test_twc_expert_examples_follow_the_protocol():
         env.close()
 
 
+def test_demo_noise_relabels_a_share_of_steps_with_other_admissible_actions():
+    cfg = EnvConfig()
+    env = make_env(cfg)
+    try:
+        clean, _ = expert_episodes(cfg, n_episodes=12, seed=3, env=env)
+        noisy, stats = expert_episodes(cfg, n_episodes=12, seed=3, env=env, noise=0.5)
+        assert noisy == expert_episodes(cfg, 12, 3, env=env, noise=0.5)[0]  # seeded
+    finally:
+        env.close()
+    assert stats["won"] == 12 and len(noisy) == len(clean)  # the env still follows the expert
+    changed = 0
+    for c, n in zip(clean, noisy):
+        assert c["messages"] == n["messages"]  # same states: only labels differ
+        if c["response"] != n["response"]:
+            changed += 1
+            action = parse_action(n["response"], cfg.max_action_chars).action
+            assert action in n["messages"][1]["content"].rsplit("Actions: ", 1)[1].split(" | ")
+    assert 0.3 * len(clean) < changed < 0.7 * len(clean)
+
+
 def test_expert_examples_webshop():
     rows = expert_examples(EnvConfig(name="webshop", max_steps=15), 3, 0, split="dev")
     assert {r["step"] for r in rows} >= {0, 1, 2, 3} and all("WebShop" in r["messages"][1]["content"] for r in rows)

@@ -279,6 +279,9 @@ def test_a_tiny_model_warm_started_for_other_prompts_is_found_stale(tmp_path):
     (folder / "sft_stats.json").write_text(json.dumps({"sft_steps": 1, "env": prompt_fingerprint(text)}))
     assert _stale_warm_start(folder, text) == []
     assert _stale_warm_start(folder, index) == ["action_format: 'text' -> 'index'"]
+    # A record without demo_noise was a clean expert's: a noisy-demonstrator config must rebuild it.
+    assert _stale_warm_start(folder, text, 0.0) == []
+    assert _stale_warm_start(folder, text, 0.3) == ["sft.demo_noise: 0.0 -> 0.3"]
     assert ensure_warm_model(ModelConfig(path=str(folder), tiny=True), text, SFTConfig()) == str(folder)
     # Not built here (tiny=False): used as given, whatever the record says.
     assert ensure_warm_model(ModelConfig(path=str(folder), tiny=False), index, SFTConfig()) == str(folder)

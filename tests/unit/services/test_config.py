@@ -60,6 +60,7 @@ BAD = [
     (["model.tiny_hidden=6", "model.tiny_heads=2"], "even head size"),
     (["model.tiny_layers=0"], "tiny_layers"),
     (["learner.freeze=embed_tokens,,lm_head"], "learner.freeze"),
+    (["sft.demo_noise=1.0"], "sft.demo_noise"),
 ]
 
 
