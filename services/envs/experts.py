@@ -9,8 +9,9 @@ replayed in the real environment; every step becomes one example whose
 a broken expert can never teach a wrong action; the count of dropped episodes is
 logged and returned by :func:`expert_episodes`.
 
-``proxmo envs demos --out FILE.jsonl [--episodes N] [--seed S] [--split train]
-[key=value ...]`` writes them as JSON lines.
+``proxmo envs demos --out FILE.jsonl [--episodes N] [--seed S] [--split train] [--noise P]
+[key=value ...]`` writes them as JSON lines; ``--noise`` (``sft.demo_noise`` for `proxmo sft`)
+makes an imperfect demonstrator, see :func:`run_expert`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="label noise of an imperfect demonstrator, as sft.demo_noise (0: the expert's own actions)")
     p.add_argument("overrides", nargs="*", help="env fields, e.g. name=textworld game=coin_collector")
     args = p.parse_args(argv)
     try:
@@ -117,7 +120,10 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    examples, stats = expert_episodes(cfg, args.episodes, args.seed, args.split)
+    if not 0.0 <= args.noise < 1.0:
+        print(f"error: --noise must be in [0, 1), got {args.noise}", file=sys.stderr)
+        return 2
+    examples, stats = expert_episodes(cfg, args.episodes, args.seed, args.split, noise=args.noise)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:

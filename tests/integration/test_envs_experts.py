@@ -76,6 +76,7 @@ def test_demos_cli_writes_jsonl(tmp_path):
     assert rows and all(r["response"].startswith("<think>") for r in rows)
     assert rows[0]["response"].endswith("</action>") and "search[" in rows[0]["response"]
     assert demos_main(["--out", str(out), "bogus=1"]) == 2
+    assert demos_main(["--out", str(out), "--noise", "1.5"]) == 2
 
 
 def test_envs_check_reports_and_counts(capsys):
