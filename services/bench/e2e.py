@@ -188,7 +188,7 @@ def _print_summary(mode: str, s: dict[str, Any], result: dict[str, float]) -> No
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="proxmo bench e2e", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=QUICKSTART)
-    ap.add_argument("--iterations", type=int, default=6, help="iterations per run (the quick start has 25)")
+    ap.add_argument("--iterations", type=int, default=6, help="iterations per run (the quick start is bounded by its rl_seconds)")
     ap.add_argument("--warmup", type=int, default=1, help="leading iterations left out of the timing")
     ap.add_argument("--repeats", type=int, default=1, help="sync/async pairs, alternating order")
     ap.add_argument("--eval-episodes", type=int, default=64, help="held-out episodes before/after each run")
