@@ -142,8 +142,9 @@ def _stale_warm_start(path: Path, env: EnvConfig, demo_noise: float | None = Non
         return []
     now = prompt_fingerprint(env)
     stale = [f"{k}: {built[k]!r} -> {now[k]!r}" for k in now if k in built and built[k] != now[k]]
-    if demo_noise is not None and float(record.get("demo_noise", 0.0)) != demo_noise:  # older records: clean expert
-        stale.append(f"sft.demo_noise: {float(record.get('demo_noise', 0.0))} -> {demo_noise}")
+    built_noise = float(record.get("demo_noise", 0.0))  # older records: a clean expert
+    if demo_noise is not None and built_noise != demo_noise:
+        stale.append(f"sft.demo_noise: {built_noise} -> {demo_noise}")
     return stale
 
 

@@ -40,6 +40,7 @@ def run_expert(env: TextEnv, task, cfg: EnvConfig, noise: float = 0.0,
     uniformly drawn other admissible action, while the env still executes the expert's action (so
     every kept episode is won and the states are the expert's).
     """
+    rng = rng or random.Random(0)
     obs, info = env.reset(task)
     plan = env.expert_actions()
     if not plan:
@@ -53,9 +54,8 @@ def run_expert(env: TextEnv, task, cfg: EnvConfig, noise: float = 0.0,
         action = " ".join(raw.split()).lower()
         messages = build_messages(desc, history, obs, admissible, step, cfg)
         label = action
-        others = [a for a in admissible if a != action]
-        if noise > 0 and others and rng is not None and rng.random() < noise:
-            label = rng.choice(others)
+        if noise > 0 and rng.random() < noise:
+            label = rng.choice([a for a in admissible if a != action] or [action])
         examples.append({"messages": messages, "response": format_response(answer_for(label, admissible, cfg)),
                          "task_type": task.task_type, "task_id": task.task_id, "step": step})
         res = env.step(action)
