@@ -94,13 +94,13 @@ def freeze_parameters(model, patterns: list[str]) -> list[str]:
     the token embeddings, where every prompt token of every row adds to it; a change there moves
     every state at once.
     """
-    names = [n for n, _ in model.named_parameters()]
-    unmatched = [p for p in patterns if not any(p in n for n in names)]
+    named = list(model.named_parameters())
+    unmatched = [pat for pat in patterns if not any(pat in n for n, _ in named)]
     if unmatched:
         raise ValueError(f"learner.freeze: {', '.join(map(repr, unmatched))} match no parameter of the model "
-                         f"(names look like {names[0]!r})")
-    chosen = [(n, p) for n, p in model.named_parameters() if any(pat in n for pat in patterns)]
-    if patterns and len(chosen) == len(names):
+                         f"(names look like {named[0][0]!r})")
+    chosen = [(n, p) for n, p in named if any(pat in n for pat in patterns)]
+    if len(chosen) == len(named):
         raise ValueError("learner.freeze leaves no parameter to train")
     for _, p in chosen:
         p.requires_grad_(False)
