@@ -182,7 +182,7 @@ class SFTConfig:
     lr: float = 3e-3
     batch_size: int = 32
     epochs: float = 1.2  # passes over the demonstrations (cosine schedule over this many steps)
-    seconds: float = 900.0  # hard time cap; stops early (and says so) on a slow machine
+    seconds: float = 900.0  # hard time cap; stops early (and says so) on a slow machine. The learning-rate schedule follows the step count, so runs repeat; a capped run ends before its schedule does
     demo_noise: float = 0.0  # imperfect demonstrator: this share of demonstrated steps is labelled with a random other admissible action
 
 

@@ -85,8 +85,11 @@ def sft_train(model_dir: str | Path, examples: list[dict], cfg: SFTConfig, *, se
     model.train()
     t0, step, ema = time.perf_counter(), 0, None
     for batch in _batches(data, bs, rng):
-        progress = max(step / total_steps, (time.perf_counter() - t0) / cfg.seconds)
-        if progress >= 1.0:
+        # The schedule follows the step count only, so a run is repeatable: a schedule that also
+        # followed the clock gave each run a slightly different learning rate, and warm starts of
+        # the same recipe differed in held-out success by a factor of three (BENCHMARKS.md, session 11).
+        progress = step / total_steps
+        if progress >= 1.0 or time.perf_counter() - t0 >= cfg.seconds:
             break
         for group in opt.param_groups:  # cosine to 10% of the base rate
             group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
