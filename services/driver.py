@@ -426,7 +426,7 @@ class TrainingRun:
         next_it = start_it
         end, t_rl = c.iterations, time.perf_counter()
         with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") as ex:
-            bar = _progress(c.iterations, start_it)
+            bar = _progress(c.iterations, start_it, c.rl_seconds, t_rl)
             for it in range(start_it, c.iterations):
                 # At least one iteration runs, however small the budget.
                 if c.rl_seconds and it > start_it and end == c.iterations and time.perf_counter() - t_rl > c.rl_seconds:
@@ -451,7 +451,7 @@ class TrainingRun:
                 self.metrics.log(it + 1, m)
                 self.control.set_status.remote({"iteration": it + 1, "workers": self.pool.size()})
                 self.autoscale(m)
-                _advance(bar, m)
+                _advance(bar, m, it + 1)
             _close(bar)
         self._with_learner(end, lambda: self.learner.finish.remote(), advance=False)
         ev = self.evaluate()
@@ -496,19 +496,30 @@ class TrainingRun:
             self.redis.stop()
 
 
-def _progress(total: int, start: int):
+def _progress(total: int, start: int, seconds: float = 0.0, t0: float = 0.0):
+    """The terminal's progress bar: over iterations, or over the time budget when ``rl_seconds`` ends the stage."""
     try:
         from tqdm import tqdm
-
-        return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, file=sys.stderr)
     except ImportError:
         return None
+    if seconds:  # `iterations` is then only an upper bound, and a bar to it would end far short
+        bar = tqdm(total=round(seconds), desc="train", unit="s", dynamic_ncols=True, file=sys.stderr,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{elapsed}{postfix}]")
+        bar.budget_start = t0
+        return bar
+    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True, file=sys.stderr)
 
 
-def _advance(bar, m: dict[str, float]) -> None:
-    if bar is not None:
-        bar.set_postfix(success=f"{m.get('rollout/success_rate', 0):.2f}", v=int(m.get("policy_version", 0)))
+def _advance(bar, m: dict[str, float], iteration: int) -> None:
+    if bar is None:
+        return
+    bar.set_postfix(it=iteration, success=f"{m.get('rollout/success_rate', 0):.2f}", v=int(m.get("policy_version", 0)),
+                    refresh=False)
+    start = getattr(bar, "budget_start", None)
+    if start is None:
         bar.update(1)
+    else:
+        bar.update(min(float(bar.total), time.perf_counter() - start) - bar.n)
 
 
 def _close(bar) -> None:
