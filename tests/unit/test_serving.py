@@ -302,3 +302,20 @@ def test_memory_trace_names_the_sites_that_grew():
         server.memory_trace("stop")
     assert kept and len(top) <= 5
     assert "test_serving.py" in top[0] and float(top[0].split()[0]) > 1500  # KiB, the biggest grower
+
+
+def test_staging_rewrites_the_previous_file_in_place(tmp_path):
+    big = pack_state_dict_array({"w": torch.arange(4096, dtype=torch.float32)})
+    small = pack_state_dict_array({"w": torch.arange(16, dtype=torch.float32)})
+    folder = tmp_path / "w"
+    stage_weights(big, folder)
+    inode = (folder / "model.safetensors").stat().st_ino
+    stage_weights(small.tobytes(), folder)  # bytes as well as arrays
+    f = folder / "model.safetensors"
+    assert f.stat().st_ino == inode  # the same file, so its pages are reused
+    assert f.read_bytes() == small.tobytes()  # truncated: nothing of the bigger payload is left
+    assert torch.equal(unpack_state_dict(f.read_bytes())["w"], torch.arange(16, dtype=torch.float32))
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+    (folder / "model.safetensors.tmp").write_bytes(b"partial write of a crashed stage")
+    stage_weights(big, folder)  # a leftover temporary file is overwritten; the last whole payload stays until then
+    assert f.read_bytes() == big.tobytes() and sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
