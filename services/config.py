@@ -39,6 +39,10 @@ class EnvConfig:
     max_steps: int = 10  # step cap per episode
     history: int = 2  # last k observation/action pairs in the prompt
     obs_chars: int = 120  # history observations are cut to this many characters
+    # The current observation is cut to this many characters (0: whole). The quick start cuts it: on twc
+    # the admissible actions already name every object and container, and prompts half as long make
+    # SFT and RL twice as fast on the CPU (BENCHMARKS.md, session 11).
+    now_chars: int = 0
     max_action_chars: int = 200  # longer model outputs are invalid
     step_timeout_s: float = 30.0  # an env step slower than this is an infrastructure failure
     # True: a well-formed action that is not in the env's admissible list is also marked invalid, so
@@ -384,6 +388,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.rl_seconds >= 0, "rl_seconds must be >= 0 (0: no time budget)")
     check(cfg.env.max_steps >= 1, "env.max_steps must be >= 1")
     check(cfg.env.history >= 0, "env.history must be >= 0")
+    check(cfg.env.now_chars >= 0, f"env.now_chars must be >= 0 (0: the whole observation), got {cfg.env.now_chars}")
     check(cfg.env.action_projection in ("none", "nearest"),
           f"env.action_projection must be 'none' or 'nearest', got {cfg.env.action_projection!r}")
     check(0.0 <= cfg.env.projection_min_ratio <= 1.0, "env.projection_min_ratio must be in [0, 1]")

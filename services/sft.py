@@ -126,7 +126,7 @@ def corpus_from_examples(examples: list[dict]) -> list[str]:
     return lines
 
 
-PROMPT_FIELDS = ("name", "game", "game_params", "history", "obs_chars", "action_format")
+PROMPT_FIELDS = ("name", "game", "game_params", "history", "obs_chars", "now_chars", "action_format")
 
 
 def prompt_fingerprint(env: EnvConfig) -> dict[str, Any]:
@@ -144,7 +144,9 @@ def _stale_warm_start(path: Path, env: EnvConfig, demo_noise: float | None = Non
     if not isinstance(built, dict):
         return []
     now = prompt_fingerprint(env)
-    stale = [f"{k}: {built[k]!r} -> {now[k]!r}" for k in now if k in built and built[k] != now[k]]
+    defaults = prompt_fingerprint(EnvConfig())
+    old = {k: built.get(k, defaults[k]) for k in now}  # a field added since the build: its default then
+    stale = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in now if old[k] != now[k]]
     built_noise = float(record.get("demo_noise", 0.0))  # older records: a clean expert
     if demo_noise is not None and built_noise != demo_noise:
         stale.append(f"sft.demo_noise: {built_noise} -> {demo_noise}")

@@ -117,8 +117,9 @@ _INTRO = {
 
 
 def _cut(text: str, n: int) -> str:
+    """Whitespace collapsed, then at most ``n`` characters (``n`` <= 0: all of them)."""
     text = " ".join(text.split())
-    return text if len(text) <= n else text[:n]
+    return text if n <= 0 or len(text) <= n else text[:n]
 
 
 def _family(cfg: EnvConfig) -> str:
@@ -154,7 +155,8 @@ def build_messages(task_description: str, history: list[tuple[str, str]], observ
         start = step - len(recent) + 1
         for i, (obs, act) in enumerate(recent):
             parts.append(f"[step {start + i}] observation: {_cut(obs, cfg.obs_chars)}\naction: {act}")
-    parts.append(f"Now, at step {step + 1}, you observe: {observation.strip()}")
+    parts.append(f"Now, at step {step + 1}, you observe: "
+                 + (_cut(observation, cfg.now_chars) if cfg.now_chars > 0 else observation.strip()))
     if cfg.action_format == "index":
         parts.append("Admissible actions, numbered: " + _action_list(admissible_actions, cfg, "; ", False))
         parts.append("Think step by step inside <think> </think>, then write the number of one "
@@ -172,6 +174,6 @@ def _twc_user(task: str, recent: list[tuple[str, str]], observation: str,
     lines = [f"Task: {task.strip()}", f"Step {step + 1}."]
     for obs, act in recent:
         lines.append(f"Saw: {_cut(obs, cfg.obs_chars)}\nDid: {act}")
-    lines.append(f"Now: {' '.join(observation.split())}")
+    lines.append(f"Now: {_cut(observation, cfg.now_chars)}")
     lines.append("Actions: " + _action_list(admissible, cfg, " | ", False))
     return "\n".join(lines)

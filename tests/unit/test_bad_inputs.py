@@ -282,6 +282,11 @@ def test_a_tiny_model_warm_started_for_other_prompts_is_found_stale(tmp_path):
     # A record without demo_noise was a clean expert's: a noisy-demonstrator config must rebuild it.
     assert _stale_warm_start(folder, text, 0.0) == []
     assert _stale_warm_start(folder, text, 0.3) == ["sft.demo_noise: 0.0 -> 0.3"]
+    # A record from before a prompt field existed was built with that field's default.
+    older = {k: v for k, v in prompt_fingerprint(text).items() if k != "now_chars"}
+    (folder / "sft_stats.json").write_text(json.dumps({"sft_steps": 1, "env": older}))
+    assert _stale_warm_start(folder, text) == []
+    assert _stale_warm_start(folder, EnvConfig(now_chars=120)) == ["now_chars: 0 -> 120"]
     assert ensure_warm_model(ModelConfig(path=str(folder), tiny=True), text, SFTConfig()) == str(folder)
     # Not built here (tiny=False): used as given, whatever the record says.
     assert ensure_warm_model(ModelConfig(path=str(folder), tiny=False), index, SFTConfig()) == str(folder)

@@ -312,3 +312,13 @@ def test_alfworld_problem_generation_is_deterministic_and_split_aware():
         gen.build_problem(301, "heat", 0)  # a bedroom has no microwave task
     with pytest.raises(gen.GenerationError, match="unknown task type"):
         gen.build_problem(1, "slice", 0)
+
+
+@pytest.mark.parametrize("name", ["textworldexpress", "alfworld"])
+def test_now_chars_cuts_the_current_observation_only_when_set(name):
+    obs = "You are in the kitchen.   " + "y" * 300
+    whole = build_messages("t", [], obs, ["look around"], 0, EnvConfig(name=name))[1]["content"]
+    cut = build_messages("t", [], obs, ["look around"], 0, EnvConfig(name=name, now_chars=40))[1]["content"]
+    assert "y" * 300 in whole
+    assert "You are in the kitchen. " + "y" * 16 in cut and "y" * 17 not in cut  # whitespace collapsed, then 40 chars
+    assert "look around" in cut  # the admissible actions are never cut

@@ -61,6 +61,7 @@ BAD = [
     (["model.tiny_layers=0"], "tiny_layers"),
     (["learner.freeze=embed_tokens,,lm_head"], "learner.freeze"),
     (["sft.demo_noise=1.0"], "sft.demo_noise"),
+    (["env.now_chars=-1"], "env.now_chars"),
 ]
 
 
