@@ -114,11 +114,10 @@ def stage_weights(data: bytes | memoryview | np.ndarray, folder: Path) -> Path:
 
     The previous version's file is rewritten in place, under a temporary name, and then
     renamed back: its shared-memory pages are already allocated, and a fresh file pays a page
-    fault per 4 KiB (0.46 s per GB on the CPU box, BENCHMARKS.md, weights). A file under the
-    final name is always a whole payload (there is none while one is written), but ``folder``
-    must be the caller's own
-    and the engine must not read it while a new version is staged (a replica stages and
-    reloads under one lock).
+    fault per 4 KiB (0.46 s per GB on the CPU box; 0.21 s in place, BENCHMARKS.md, weights). A
+    file under the final name is always a whole payload (there is none while one is written),
+    but ``folder`` must be the caller's own, and the engine must not read it while a new
+    version is staged (a replica stages and reloads under one lock).
     """
     folder.mkdir(parents=True, exist_ok=True)
     final, tmp = folder / WEIGHTS_FILE, folder / (WEIGHTS_FILE + ".tmp")
