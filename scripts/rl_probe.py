@@ -13,6 +13,8 @@ answered quickly. BENCHMARKS.md cites the numbers it printed.
     .venv/bin/python scripts/rl_probe.py direction --optimizer sgd --lr 0.2 env.action_projection=nearest
     # how much of one batch's gradient is signal (pairwise cosine of independent batches' gradients)
     .venv/bin/python scripts/rl_probe.py snr --batches 6
+    # the update alone, timed with and without the KL term's reference forward (loss.kl_coef vs 0)
+    .venv/bin/python scripts/rl_probe.py timing
 
 Trailing ``key=value`` arguments override deploy/configs/quickstart.yaml as for `proxmo train`.
 The last line is ``RESULT ...``.
@@ -262,9 +264,28 @@ def cmd_snr(cfg, args, player: Player) -> str:
             f"signal_share={overall:.3f}")
 
 
+def cmd_timing(cfg, args, player: Player) -> str:
+    """One batch, then ``Learner.update`` on copies of it, twice each with ``loss.kl_coef`` = the config's and 0."""
+    import copy
+
+    model = make_learner(cfg, args).model.eval()
+    tasks = player.envs[0].sample_tasks("train", cfg.learner.groups_per_batch, seed=5)
+    groups = groups_of(tasks, player.play(model, tasks, cfg.rollout.group_size, seed=0), cfg.rollout.group_size)
+    times: dict[float, list[float]] = {}
+    for _ in range(2):
+        for kl in (cfg.loss.kl_coef, 0.0):
+            learner = make_learner(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kl_coef=kl)), args)
+            t = time.perf_counter()
+            learner.update(copy.deepcopy(groups))
+            times.setdefault(kl, []).append(time.perf_counter() - t)
+    for kl, ts in times.items():
+        print(f"kl_coef={kl}: update " + " / ".join(f"{x:.2f}" for x in ts) + " s", flush=True)
+    return f"update_without_kl_vs_with={min(times[0.0]) / min(times[cfg.loss.kl_coef]):.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["loop", "direction", "eval", "snr"])
+    p.add_argument("command", choices=["loop", "direction", "eval", "snr", "timing"])
     p.add_argument("--config", default="deploy/configs/quickstart.yaml")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--eval-on", choices=["heldout", "train"], default="heldout")
@@ -291,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     tok.padding_side = "left"
     player = Player(cfg, tok)
     try:
-        commands = {"loop": cmd_loop, "direction": cmd_direction, "eval": cmd_eval, "snr": cmd_snr}
+        commands = {"loop": cmd_loop, "direction": cmd_direction, "eval": cmd_eval, "snr": cmd_snr,
+                    "timing": cmd_timing}
         result = commands[args.command](cfg, args, player)
     finally:
         player.close()
