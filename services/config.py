@@ -176,6 +176,9 @@ class LearnerConfig:
     # Comma-separated substrings of parameter names that the RL update leaves as they are (e.g.
     # "embed_tokens"). Empty: train everything. Every entry must match at least one parameter.
     freeze: str = ""
+    # Run the prompt prefix that every row of a micro-batch shares once (system prompt, task); the
+    # same values and gradients up to float rounding. About a third of a quick-start update's tokens.
+    share_prefix: bool = True
 
 
 @dataclass
@@ -189,6 +192,7 @@ class SFTConfig:
     # Hard time cap: stops early (and says so) on a slow machine. The learning-rate schedule follows the
     # step count, so a run repeats; a capped run ends before its schedule does.
     seconds: float = 900.0
+    share_prefix: bool = True  # as learner.share_prefix, for the SFT batches
     demo_noise: float = 0.0  # imperfect demonstrator: this share of demonstrated steps is labelled with a random other admissible action
 
 

@@ -147,7 +147,42 @@ def _decoder_and_head(model):
         return None, None
 
 
-def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None, temperature: float = 1.0):
+MIN_SHARED_PREFIX = 8  # tokens: below this the second forward call costs more than the prefix saves
+
+
+def shared_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Leading positions where every row of ``ids`` [B, L] holds the same token, ending before the
+    first response position of any row (``mask`` [B, L-1], as :func:`token_logprobs` takes it), so
+    the hidden state that predicts each response token is outside the prefix. 0 for a single row."""
+    if ids.shape[0] < 2 or ids.shape[1] < 2:
+        return 0
+    same = (ids == ids[:1]).all(dim=0).long()
+    common = int(same.cumprod(dim=0).sum())
+    first_response = int(mask.long().argmax(dim=1).min())  # a row without a response gives 0: no sharing
+    return min(common, first_response)
+
+
+def _decoder_hidden(model, decoder, ids, attn, mask, share_prefix: bool) -> tuple[torch.Tensor, int]:
+    """The decoder's last hidden states from position ``P`` on, and ``P``.
+
+    With ``share_prefix``, the prompt prefix every row shares (the system prompt and, on twc,
+    the task: a third of a quick-start batch's tokens) runs once, as a batch of one; its keys
+    and values are repeated across the rows and the rest runs on top of them. The prefix's
+    activations get the sum of the rows' gradients, so values and gradients are the full
+    forward's up to float rounding (tests/unit/services/test_learner.py).
+    """
+    p = shared_prefix_len(ids, mask) if share_prefix else 0
+    if p < MIN_SHARED_PREFIX or getattr(model, "is_gradient_checkpointing", False):
+        # (with gradient checkpointing transformers drops past_key_values: the plain path is the exact one)
+        return decoder(input_ids=ids, attention_mask=attn).last_hidden_state, 0
+    cache = decoder(input_ids=ids[:1, :p], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])
+    out = decoder(input_ids=ids[:, p:], attention_mask=attn, past_key_values=cache, use_cache=False)
+    return out.last_hidden_state, p
+
+
+def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None, temperature: float = 1.0,
+                   share_prefix: bool = False):
     """Log-prob of each next token [B, L-1] under softmax(logits / temperature) (and its entropy).
 
     ``temperature`` is the sampling temperature of the rollouts: the policy that sampled
@@ -157,7 +192,8 @@ def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None, temp
     softmax run on those positions only and every other position is 0: prompts
     are ~90% of the tokens of an agent turn, and for a 150k-token vocabulary the
     full-sequence logits would dwarf the model's activations. Models without a
-    separable decoder/head fall back to full logits.
+    separable decoder/head fall back to full logits. With ``share_prefix`` (mask
+    path only) the prompt prefix common to all rows runs once (:func:`_decoder_hidden`).
     """
     decoder, head = _decoder_and_head(model) if mask is not None else (None, None)
     if decoder is None:
@@ -169,9 +205,10 @@ def token_logprobs(model, ids, attn, with_entropy: bool = False, mask=None, temp
             chosen = chosen * mask
             entropy = entropy * mask if entropy is not None else None
         return chosen, entropy
-    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-    where = mask.nonzero(as_tuple=True)
-    logp = torch.log_softmax(head(hidden[where]).float() / temperature, dim=-1)  # [N, V], N = response tokens
+    hidden, p = _decoder_hidden(model, decoder, ids, attn, mask, share_prefix)
+    where = mask.nonzero(as_tuple=True)  # no response position lies before p
+    hidden = hidden[:, :-1][where[0], where[1] - p]
+    logp = torch.log_softmax(head(hidden).float() / temperature, dim=-1)  # [N, V], N = response tokens
     picked = logp.gather(-1, ids[:, 1:][where].unsqueeze(-1)).squeeze(-1)
     chosen = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(where, picked)
     entropy = None
@@ -261,8 +298,8 @@ class Learner:
                 total_tokens = float(resp_len[part].sum())
                 self.optimizer.zero_grad(set_to_none=True)
                 agg = {}
-                for mb in self._micro_batches(part, length):
-                    out, n_tok = self._micro_step([rows.steps[i] for i in mb], adv.advantages[mb], len(part), total_tokens)
+                for reps, members in self._forward_batches(part, length, rows.steps):
+                    out, n_tok = self._micro_step(rows.steps, reps, members, adv.advantages, len(part), total_tokens)
                     for k, v in out.items():
                         agg[k] = agg.get(k, 0.0) + v * n_tok / total_tokens
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -285,6 +322,18 @@ class Learner:
         idx = idx[np.argsort(length[idx], kind="stable")]
         return [idx[i : i + self.cfg.micro_batch_size] for i in range(0, len(idx), self.cfg.micro_batch_size)]
 
+    def _forward_batches(self, idx: np.ndarray, length: np.ndarray, steps: list[RowTokens]):
+        """As :meth:`_micro_batches`, but rows with the same prompt and response (the same turn in
+        several episodes of a group: ~11% of a quick-start batch) share one forward row. Yields
+        (forward rows, for each the rows it stands for), ``micro_batch_size`` forward rows at a time."""
+        members: dict[int, list[int]] = {}
+        first: dict[tuple[bytes, bytes], int] = {}
+        for i in idx[np.argsort(length[idx], kind="stable")].tolist():
+            key = (steps[i].prompt_ids.tobytes(), steps[i].response_ids.tobytes())
+            members.setdefault(first.setdefault(key, i), []).append(i)
+        reps, n = list(members), self.cfg.micro_batch_size
+        return [(np.array(reps[i : i + n]), [members[r] for r in reps[i : i + n]]) for i in range(0, len(reps), n)]
+
     @torch.no_grad()
     def _recompute_old_logprobs(self, rows: Rows, trainable: np.ndarray, length: np.ndarray) -> None:
         """Replace the sampler's log-probs by this model's, once, before the first optimizer step.
@@ -295,25 +344,36 @@ class Learner:
         """
         for mb in self._micro_batches(trainable, length):
             ids, attn, resp = _pad_batch([rows.steps[i] for i in mb], self.device)
-            logp, _ = token_logprobs(self.model, ids, attn, mask=resp, temperature=self.temperature)
+            logp, _ = token_logprobs(self.model, ids, attn, mask=resp, temperature=self.temperature,
+                                     share_prefix=self.cfg.share_prefix)
             for j, i in enumerate(mb):
                 rows.steps[i] = rows.steps[i]._replace(logprobs=logp[j][resp[j]].float().cpu().numpy())
 
-    def _micro_step(self, steps: list[RowTokens], adv: np.ndarray, n_rows: int, total_tokens: float):
-        ids, attn, resp = _pad_batch(steps, self.device)
+    def _micro_step(self, steps: list[RowTokens], reps: np.ndarray, members: list[list[int]], adv: np.ndarray,
+                    n_rows: int, total_tokens: float):
+        """Forward the rows ``reps``; the loss counts each once for every row in its ``members``
+        (each with its own advantage and sampling log-probs), so the gradient is the one of all rows."""
+        ids, attn, resp = _pad_batch([steps[i] for i in reps], self.device)
         logp, entropy = token_logprobs(self.model, ids, attn, with_entropy=self.loss_cfg.entropy_coef > 0, mask=resp,
-                                       temperature=self.temperature)
-        old = _scatter_response([s.logprobs for s in steps], resp)
+                                       temperature=self.temperature, share_prefix=self.cfg.share_prefix)
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref, _ = token_logprobs(self.ref_model, ids, attn, mask=resp, temperature=self.temperature)
-        adv_t = torch.as_tensor(adv, dtype=torch.float32, device=self.device)
+                ref, _ = token_logprobs(self.ref_model, ids, attn, mask=resp, temperature=self.temperature,
+                                        share_prefix=self.cfg.share_prefix)
+        rows = [i for m in members for i in m]
+        if len(rows) > len(reps):
+            expand = torch.as_tensor([j for j, m in enumerate(members) for _ in m], device=self.device)
+            logp, resp = logp[expand], resp[expand]
+            entropy = entropy[expand] if entropy is not None else None
+            ref = ref[expand] if ref is not None else None
+        old = _scatter_response([steps[i].logprobs for i in rows], resp)
+        adv_t = torch.as_tensor(adv[rows], dtype=torch.float32, device=self.device)
         out = policy_loss(logp, old, adv_t, resp.float(), ref_logprobs=ref, entropy=entropy, cfg=self.loss_cfg)
         n_tok = float(resp.sum())
         # Token-mean over the whole batch: weight each micro-batch by its share of tokens
         # (rows for sequence-mean aggregation), so the gradient does not depend on the split.
-        share = n_tok / total_tokens if self.loss_cfg.agg == "token-mean" else len(steps) / n_rows
+        share = n_tok / total_tokens if self.loss_cfg.agg == "token-mean" else len(rows) / n_rows
         (out.loss * share).backward()
         return {"total": float(out.loss.detach()), **out.metrics}, n_tok
 

@@ -62,6 +62,17 @@ def _collate(batch, pad_id: int):
     return ids, attn, labels
 
 
+def response_nll(model, ids, attn, labels, share_prefix: bool = True) -> torch.Tensor:
+    """Mean negative log-likelihood of the labelled tokens (transformers' causal-LM loss for these
+    labels), through the learner's path: the head on response positions only, and the prompt
+    prefix the batch shares computed once."""
+    from services.learner import token_logprobs
+
+    mask = labels[:, 1:] != -100
+    logp, _ = token_logprobs(model, ids, attn, mask=mask, share_prefix=share_prefix)
+    return -logp.sum() / mask.sum()
+
+
 def sft_train(model_dir: str | Path, examples: list[dict], cfg: SFTConfig, *, seed: int = 0,
               max_len: int = 512, out_dir: str | Path | None = None) -> dict[str, float]:
     """Fine-tune ``model_dir`` on ``examples`` for ``cfg.seconds`` or ``cfg.epochs``; save to ``out_dir``."""
@@ -94,7 +105,7 @@ def sft_train(model_dir: str | Path, examples: list[dict], cfg: SFTConfig, *, se
         for group in opt.param_groups:  # cosine to 10% of the base rate
             group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         ids, attn, labels = _collate(batch, pad)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss = response_nll(model, ids, attn, labels, cfg.share_prefix)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

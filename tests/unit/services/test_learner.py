@@ -195,6 +195,76 @@ def test_response_only_logprobs_equal_full_logits(model_dir):
     assert torch.count_nonzero(fast[~mask]) == 0 and torch.count_nonzero(fast_ent[~mask]) == 0
 
 
+def _prefixed_rows(vocab: int, prefix: int, n: int = 6, seed: int = 0):
+    from services.learner import RowTokens
+
+    rng = np.random.default_rng(seed)
+    head = rng.integers(5, vocab, size=prefix)
+    rows = []
+    for _ in range(n):
+        prompt = np.concatenate([head, rng.integers(5, vocab, size=int(rng.integers(1, 9)))]).astype(np.int32)
+        resp = rng.integers(5, vocab, size=int(rng.integers(2, 6))).astype(np.int32)
+        rows.append(RowTokens(prompt, resp, np.zeros(len(resp), np.float32)))
+    return rows
+
+
+def test_shared_prefix_gives_the_full_forwards_values_and_gradients(model_dir):
+    """The common prompt prefix runs once; log-probs, entropies and every gradient match the plain path."""
+    from transformers import AutoModelForCausalLM
+
+    from services.learner import shared_prefix_len
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids, attn, mask = _pad_batch(_prefixed_rows(model.config.vocab_size, prefix=20), torch.device("cpu"))
+    assert shared_prefix_len(ids, mask) >= 20
+    out = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp, ent = token_logprobs(model, ids, attn, with_entropy=True, mask=mask, share_prefix=share)
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        out[share] = (lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-5)
+    for name, grad in out[False][2].items():
+        torch.testing.assert_close(out[True][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.count_nonzero(out[True][0][~mask]) == 0
+
+
+def test_shared_prefix_stops_before_the_first_response_and_needs_two_rows(model_dir):
+    from services.learner import shared_prefix_len
+
+    rows = _prefixed_rows(1000, prefix=20)
+    same = [rows[0]._replace(response_ids=r.response_ids) for r in rows]  # identical prompts
+    ids, _, mask = _pad_batch(same, torch.device("cpu"))
+    # the hidden state of the last prompt token predicts the first response token: it stays out of the prefix
+    assert shared_prefix_len(ids, mask) == len(rows[0].prompt_ids) - 1
+    ids, _, mask = _pad_batch(rows[:1], torch.device("cpu"))
+    assert shared_prefix_len(ids, mask) == 0
+    ids, _, mask = _pad_batch(_prefixed_rows(1000, prefix=0), torch.device("cpu"))
+    assert shared_prefix_len(ids, mask) < 3  # random prompts: at most a chance match
+
+
+def test_duplicate_rows_share_a_forward_and_the_update_is_unchanged(model_dir):
+    """Identical (prompt, response) rows run once; each still counts with its own advantage."""
+    import copy
+
+    groups = _groups(model_dir)
+    for g in groups:  # the same first turn in two episodes of a group, with other outcomes after it
+        g.episodes[1].steps[0] = copy.deepcopy(g.episodes[0].steps[0])
+        g.episodes[2].steps[0] = copy.deepcopy(g.episodes[0].steps[0])
+    dedup, plain = _learner(model_dir), _learner(model_dir)
+    plain._forward_batches = lambda idx, length, steps: [(mb, [[i] for i in mb]) for mb in plain._micro_batches(idx, length)]
+    forwarded = []
+    original = dedup._micro_step
+    dedup._micro_step = lambda steps, reps, members, *a: forwarded.append(len(reps)) or original(steps, reps, members, *a)
+    m_dedup, m_plain = dedup.update(copy.deepcopy(groups)), plain.update(copy.deepcopy(groups))
+    assert sum(forwarded) == 2 * 3 * 3 - 2 * 2  # two rows of each group ride on another's forward
+    grads = [torch.cat([p.grad.flatten() for p in learner.model.parameters() if p.grad is not None])
+             for learner in (dedup, plain)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-8)
+    assert m_dedup["loss/total"] == pytest.approx(m_plain["loss/total"], rel=1e-5, abs=1e-7)
+
+
 def test_mini_batches_take_one_optimizer_step_each_and_are_reproducible(model_dir):
     groups = _groups(model_dir)
     a, b, one = (_learner(model_dir, ppo_mini_batches=3) for _ in range(3))
