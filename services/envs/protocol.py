@@ -7,7 +7,7 @@ model's chat template): the task, how many steps were already taken, the last
 instruction to reason inside ``<think></think>`` and answer inside
 ``<action></action>``. Wording differs per environment family; the ``twc``
 family is deliberately terse because the CPU quick start trains a ~1M-parameter
-model on ~175-token prompts.
+model on ~150-token prompts (the tiny model's tokenizer makes each tag one token).
 
 With ``env.action_format=index`` the admissible actions are numbered in the
 prompt and the answer is a number (:func:`answer_for`, :func:`resolve_choice`);

@@ -21,6 +21,10 @@ from pathlib import Path
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]
+# The agent protocol's tags (services/envs/protocol.py), one ordinary token each: byte-level BPE
+# never merges across "<", ">" and "/", so "<think></think><action>...</action>" cost 10 of a
+# quick-start answer's ~14 tokens, and every token is one more decode step of the rollout.
+PROTOCOL_TOKENS = ["<think>", "</think>", "<action>", "</action>"]
 
 # ChatML-style: each message is "<|im_start|>role\ncontent<|im_end|>\n"; the
 # generation prompt opens an assistant turn. The model stops at <|im_end|>.
@@ -47,7 +51,7 @@ DEFAULT_CORPUS = [
 
 
 def _train_tokenizer(corpus: Iterable[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -60,6 +64,8 @@ def _train_tokenizer(corpus: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator((line for line in corpus if line), trainer=trainer)
+    # Not special: they are part of the answer text, which the engine detokenizes with special tokens skipped.
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in PROTOCOL_TOKENS])
     return tok
 
 

@@ -319,3 +319,18 @@ def test_staging_rewrites_the_previous_file_in_place(tmp_path):
     (folder / "model.safetensors.tmp").write_bytes(b"partial write of a crashed stage")
     stage_weights(big, folder)  # a leftover temporary file is overwritten; the last whole payload stays until then
     assert f.read_bytes() == big.tobytes() and sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+
+
+def test_protocol_tags_are_one_token_each_and_survive_detokenization(tokenizer):
+    """An answer's tags cost one decode step each, and the engine's text (special tokens skipped) keeps them."""
+    from services.envs.protocol import format_response, parse_action
+    from services.serving.tiny_model import PROTOCOL_TOKENS
+
+    for tag in PROTOCOL_TOKENS:
+        assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1, tag
+    answer = format_response("take red apple")
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 4 + len(tokenizer("take red apple", add_special_tokens=False)["input_ids"])
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert text == answer and parse_action(text, 100).action == "take red apple"
+    assert "".join(tokenizer.decode([i]) for i in ids) == answer  # piece by piece, as a streaming detokenizer sees it
