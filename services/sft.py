@@ -158,6 +158,11 @@ def _stale_warm_start(path: Path, env: EnvConfig, demo_noise: float | None = Non
     defaults = prompt_fingerprint(EnvConfig())
     old = {k: built.get(k, defaults[k]) for k in now}  # a field added since the build: its default then
     stale = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in now if old[k] != now[k]]
+    from services.serving.tiny_model import TOKENIZER_VERSION
+
+    built_tok = int(record.get("tokenizer_version", 1))  # older records: before the protocol's tags were tokens
+    if built_tok != TOKENIZER_VERSION:
+        stale.append(f"tokenizer version: {built_tok} -> {TOKENIZER_VERSION}")
     built_noise = float(record.get("demo_noise", 0.0))  # older records: a clean expert
     if demo_noise is not None and built_noise != demo_noise:
         stale.append(f"sft.demo_noise: {built_noise} -> {demo_noise}")
@@ -184,7 +189,7 @@ def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: 
             f"model.path {str(path)!r} is not a Hugging Face model folder (no config.json). Download the model "
             "yourself (e.g. Qwen2.5-1.5B-Instruct) and point model.path at it, or set model.tiny=true to build "
             "the tiny CPU model here.")
-    from services.serving.tiny_model import build_tiny_model
+    from services.serving.tiny_model import TOKENIZER_VERSION, build_tiny_model
 
     t0 = time.perf_counter()
     examples = expert_examples(env, sft.episodes, seed=seed + 1_000_003, split="train", noise=sft.demo_noise)
@@ -197,7 +202,8 @@ def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: 
                      intermediate=model.tiny_intermediate)
     tmp = path.with_name(path.name + ".tmp")
     stats = sft_train(base, examples, sft, seed=seed, max_len=model.max_model_len, out_dir=tmp)
-    (tmp / "sft_stats.json").write_text(json.dumps({**stats, "demo_noise": sft.demo_noise, "env": prompt_fingerprint(env)},
+    (tmp / "sft_stats.json").write_text(json.dumps({**stats, "demo_noise": sft.demo_noise, "env": prompt_fingerprint(env),
+                                                   "tokenizer_version": TOKENIZER_VERSION},
                                                   indent=2))
     if path.exists():
         shutil.rmtree(path)

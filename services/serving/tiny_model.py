@@ -25,6 +25,9 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]
 # never merges across "<", ">" and "/", so "<think></think><action>...</action>" cost 10 of a
 # quick-start answer's ~14 tokens, and every token is one more decode step of the rollout.
 PROTOCOL_TOKENS = ["<think>", "</think>", "<action>", "</action>"]
+# Recorded with each warm start (services/sft.py), so a model built by an older recipe is rebuilt:
+# 1 = before PROTOCOL_TOKENS, 2 = with them.
+TOKENIZER_VERSION = 2
 
 # ChatML-style: each message is "<|im_start|>role\ncontent<|im_end|>\n"; the
 # generation prompt opens an assistant turn. The model stops at <|im_end|>.

@@ -269,6 +269,7 @@ def test_sft_warm_start_names_a_missing_model_path(tmp_path):
 def test_a_tiny_model_warm_started_for_other_prompts_is_found_stale(tmp_path):
     import json
 
+    from services.serving.tiny_model import TOKENIZER_VERSION
     from services.sft import _stale_warm_start, ensure_warm_model, prompt_fingerprint
 
     folder = tmp_path / "tiny"
@@ -277,6 +278,10 @@ def test_a_tiny_model_warm_started_for_other_prompts_is_found_stale(tmp_path):
     text, index = EnvConfig(), EnvConfig(action_format="index")
     assert _stale_warm_start(folder, index) == []  # no record of how it was built: the user's folder is trusted
     (folder / "sft_stats.json").write_text(json.dumps({"sft_steps": 1, "env": prompt_fingerprint(text)}))
+    # built before the protocol's tags were tokens of the tiny tokenizer: rebuilt
+    assert _stale_warm_start(folder, text) == [f"tokenizer version: 1 -> {TOKENIZER_VERSION}"]
+    (folder / "sft_stats.json").write_text(json.dumps({"sft_steps": 1, "env": prompt_fingerprint(text),
+                                                       "tokenizer_version": TOKENIZER_VERSION}))
     assert _stale_warm_start(folder, text) == []
     assert _stale_warm_start(folder, index) == ["action_format: 'text' -> 'index'"]
     # A record without demo_noise was a clean expert's: a noisy-demonstrator config must rebuild it.
@@ -284,7 +289,7 @@ def test_a_tiny_model_warm_started_for_other_prompts_is_found_stale(tmp_path):
     assert _stale_warm_start(folder, text, 0.3) == ["sft.demo_noise: 0.0 -> 0.3"]
     # A record from before a prompt field existed was built with that field's default.
     older = {k: v for k, v in prompt_fingerprint(text).items() if k != "now_chars"}
-    (folder / "sft_stats.json").write_text(json.dumps({"sft_steps": 1, "env": older}))
+    (folder / "sft_stats.json").write_text(json.dumps({"sft_steps": 1, "env": older, "tokenizer_version": TOKENIZER_VERSION}))
     assert _stale_warm_start(folder, text) == []
     assert _stale_warm_start(folder, EnvConfig(now_chars=120)) == ["now_chars: 0 -> 120"]
     assert ensure_warm_model(ModelConfig(path=str(folder), tiny=True), text, SFTConfig()) == str(folder)
