@@ -13,7 +13,7 @@ answered quickly. BENCHMARKS.md cites the numbers it printed.
     .venv/bin/python scripts/rl_probe.py direction --optimizer sgd --lr 0.2 env.action_projection=nearest
     # how much of one batch's gradient is signal (pairwise cosine of independent batches' gradients)
     .venv/bin/python scripts/rl_probe.py snr --batches 6
-    # the update alone, timed with and without the KL term's reference forward (loss.kl_coef vs 0)
+    # the update alone: committed vs without the shared prefix / duplicate merging / KL term
     .venv/bin/python scripts/rl_probe.py timing
 
 Trailing ``key=value`` arguments override deploy/configs/quickstart.yaml as for `proxmo train`.
@@ -265,22 +265,34 @@ def cmd_snr(cfg, args, player: Player) -> str:
 
 
 def cmd_timing(cfg, args, player: Player) -> str:
-    """One batch, then ``Learner.update`` on copies of it, twice each with ``loss.kl_coef`` = the config's and 0."""
+    """One batch, then ``Learner.update`` on copies of it, twice per variant: the committed update,
+    without the shared-prefix forward (``learner.share_prefix=false``), without merging duplicate
+    rows too (the plain update), and the committed one without the KL term (``loss.kl_coef=0``)."""
     import copy
 
     model = make_learner(cfg, args).model.eval()
     tasks = player.envs[0].sample_tasks("train", cfg.learner.groups_per_batch, seed=5)
     groups = groups_of(tasks, player.play(model, tasks, cfg.rollout.group_size, seed=0), cfg.rollout.group_size)
-    times: dict[float, list[float]] = {}
+    print(f"batch: {sum(len(e.steps) for g in groups for e in g.episodes)} rows", flush=True)
+    variants = {"committed": (cfg.learner.share_prefix, True, cfg.loss.kl_coef), "no_prefix": (False, True, cfg.loss.kl_coef),
+                "plain": (False, False, cfg.loss.kl_coef), "no_kl": (cfg.learner.share_prefix, True, 0.0)}
+    times: dict[str, list[float]] = {}
     for _ in range(2):
-        for kl in (cfg.loss.kl_coef, 0.0):
-            learner = make_learner(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kl_coef=kl)), args)
+        for name, (share, merge, kl) in variants.items():
+            c = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, share_prefix=share),
+                                    loss=dataclasses.replace(cfg.loss, kl_coef=kl))
+            learner = make_learner(c, args)
+            if not merge:  # every row its own forward, as before duplicates were merged
+                learner._forward_batches = lambda idx, length, steps, lr=learner: [
+                    (mb, [[i] for i in mb]) for mb in lr._micro_batches(idx, length)]
             t = time.perf_counter()
             learner.update(copy.deepcopy(groups))
-            times.setdefault(kl, []).append(time.perf_counter() - t)
-    for kl, ts in times.items():
-        print(f"kl_coef={kl}: update " + " / ".join(f"{x:.2f}" for x in ts) + " s", flush=True)
-    return f"update_without_kl_vs_with={min(times[0.0]) / min(times[cfg.loss.kl_coef]):.3f}"
+            times.setdefault(name, []).append(time.perf_counter() - t)
+    for name, ts in times.items():
+        print(f"{name}: update " + " / ".join(f"{x:.2f}" for x in ts) + " s", flush=True)
+    best = {k: min(v) for k, v in times.items()}
+    return (f"committed_vs_plain={best['committed'] / best['plain']:.3f} no_prefix_vs_plain={best['no_prefix'] / best['plain']:.3f} "
+            f"no_kl_vs_committed={best['no_kl'] / best['committed']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
