@@ -108,7 +108,11 @@ def test_microbatch_split_does_not_change_the_update(model_dir):
     a, b = _learner(model_dir, micro_batch_size=1), _learner(model_dir, micro_batch_size=64)
     a.update(groups)
     b.update(groups)
-    assert torch.allclose(_params(a), _params(b), atol=1e-6)
+    grads = [torch.cat([p.grad.flatten() for p in x.model.parameters() if p.grad is not None]) for x in (a, b)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    # Adam divides by |g|: where a gradient is at the level of float rounding (~1e-8) the step's
+    # sign can differ, so the parameters agree to a fraction of the learning rate (1e-3), not to 1e-6.
+    assert torch.allclose(_params(a), _params(b), atol=1e-5)
 
 
 def _live_step_records() -> int:
@@ -309,7 +313,8 @@ def test_recomputed_old_logprobs_are_the_pre_update_policy_for_every_mini_batch(
     m_sampler, m_recompute = sampler.update(groups), recompute.update(zeroed)
     assert abs(m_recompute["loss/ratio_mean"] - 1.0) > 1e-3  # the last mini-batch: off-policy by 2 steps
     assert m_recompute["loss/ratio_mean"] == pytest.approx(m_sampler["loss/ratio_mean"], abs=1e-5)
-    assert torch.allclose(_params(sampler), _params(recompute), atol=1e-6)
+    # 3 Adam steps at lr 5e-2 move parameters by up to 0.15; rounding (per-row vs batched log-probs) stays < 1e-4
+    assert torch.allclose(_params(sampler), _params(recompute), atol=1e-4)
 
 
 # --------------------------------------------------------------------------- it learns
