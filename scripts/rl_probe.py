@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -283,8 +284,7 @@ def cmd_timing(cfg, args, player: Player) -> str:
                                     loss=dataclasses.replace(cfg.loss, kl_coef=kl))
             learner = make_learner(c, args)
             if not merge:  # every row its own forward, as before duplicates were merged
-                learner._forward_batches = lambda idx, length, steps, lr=learner: [
-                    (mb, [[i] for i in mb]) for mb in lr._micro_batches(idx, length)]
+                learner._forward_batches = functools.partial(learner._forward_batches, merge=False)
             t = time.perf_counter()
             learner.update(copy.deepcopy(groups))
             times.setdefault(name, []).append(time.perf_counter() - t)

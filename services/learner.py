@@ -317,19 +317,15 @@ class Learner:
                         "response_tokens": total_tokens})
         return metrics
 
-    def _micro_batches(self, idx: np.ndarray, length: np.ndarray) -> list[np.ndarray]:
-        """``idx`` sorted by sequence length, cut into micro-batches (similar lengths pad less)."""
-        idx = idx[np.argsort(length[idx], kind="stable")]
-        return [idx[i : i + self.cfg.micro_batch_size] for i in range(0, len(idx), self.cfg.micro_batch_size)]
-
-    def _forward_batches(self, idx: np.ndarray, length: np.ndarray, steps: list[RowTokens]):
-        """As :meth:`_micro_batches`, but rows with the same prompt and response (the same turn in
-        several episodes of a group: ~11% of a quick-start batch) share one forward row. Yields
-        (forward rows, for each the rows it stands for), ``micro_batch_size`` forward rows at a time."""
+    def _forward_batches(self, idx: np.ndarray, length: np.ndarray, steps: list[RowTokens], merge: bool = True):
+        """``idx`` sorted by sequence length (similar lengths pad less), as micro-batches of
+        ``micro_batch_size`` forward rows. With ``merge``, rows with the same prompt and response (the
+        same turn in several episodes of a group: ~11% of a quick-start batch) share one forward row.
+        Returns (forward rows, for each the rows it stands for) per micro-batch."""
         members: dict[int, list[int]] = {}
         first: dict[tuple[bytes, bytes], int] = {}
         for i in idx[np.argsort(length[idx], kind="stable")].tolist():
-            key = (steps[i].prompt_ids.tobytes(), steps[i].response_ids.tobytes())
+            key = (steps[i].prompt_ids.tobytes(), steps[i].response_ids.tobytes()) if merge else (i, b"")
             members.setdefault(first.setdefault(key, i), []).append(i)
         reps, n = list(members), self.cfg.micro_batch_size
         return [(np.array(reps[i : i + n]), [members[r] for r in reps[i : i + n]]) for i in range(0, len(reps), n)]
@@ -342,12 +338,14 @@ class Learner:
         pre-update policy (recomputing them inside each micro-step would make every ratio 1
         and switch the clipping off).
         """
-        for mb in self._micro_batches(trainable, length):
-            ids, attn, resp = _pad_batch([rows.steps[i] for i in mb], self.device)
+        for reps, members in self._forward_batches(trainable, length, rows.steps):
+            ids, attn, resp = _pad_batch([rows.steps[i] for i in reps], self.device)
             logp, _ = token_logprobs(self.model, ids, attn, mask=resp, temperature=self.temperature,
                                      share_prefix=self.cfg.share_prefix)
-            for j, i in enumerate(mb):
-                rows.steps[i] = rows.steps[i]._replace(logprobs=logp[j][resp[j]].float().cpu().numpy())
+            for j, same in enumerate(members):
+                lp = logp[j][resp[j]].float().cpu().numpy()
+                for i in same:
+                    rows.steps[i] = rows.steps[i]._replace(logprobs=lp)
 
     def _micro_step(self, steps: list[RowTokens], reps: np.ndarray, members: list[list[int]], adv: np.ndarray,
                     n_rows: int, total_tokens: float):

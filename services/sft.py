@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from services.config import ConfigError, EnvConfig, ModelConfig, SFTConfig, TrainConfig, load_config
+from services.serving.tiny_model import TOKENIZER_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,6 @@ def _stale_warm_start(path: Path, env: EnvConfig, demo_noise: float | None = Non
     defaults = prompt_fingerprint(EnvConfig())
     old = {k: built.get(k, defaults[k]) for k in now}  # a field added since the build: its default then
     stale = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in now if old[k] != now[k]]
-    from services.serving.tiny_model import TOKENIZER_VERSION
-
     built_tok = int(record.get("tokenizer_version", 1))  # older records: before the protocol's tags were tokens
     if built_tok != TOKENIZER_VERSION:
         stale.append(f"tokenizer version: {built_tok} -> {TOKENIZER_VERSION}")
@@ -189,7 +188,7 @@ def ensure_warm_model(model: ModelConfig, env: EnvConfig, sft: SFTConfig, seed: 
             f"model.path {str(path)!r} is not a Hugging Face model folder (no config.json). Download the model "
             "yourself (e.g. Qwen2.5-1.5B-Instruct) and point model.path at it, or set model.tiny=true to build "
             "the tiny CPU model here.")
-    from services.serving.tiny_model import TOKENIZER_VERSION, build_tiny_model
+    from services.serving.tiny_model import build_tiny_model
 
     t0 = time.perf_counter()
     examples = expert_examples(env, sft.episodes, seed=seed + 1_000_003, split="train", noise=sft.demo_noise)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import numpy as np
@@ -257,7 +258,7 @@ def test_duplicate_rows_share_a_forward_and_the_update_is_unchanged(model_dir):
         g.episodes[1].steps[0] = copy.deepcopy(g.episodes[0].steps[0])
         g.episodes[2].steps[0] = copy.deepcopy(g.episodes[0].steps[0])
     dedup, plain = _learner(model_dir), _learner(model_dir)
-    plain._forward_batches = lambda idx, length, steps: [(mb, [[i] for i in mb]) for mb in plain._micro_batches(idx, length)]
+    plain._forward_batches = functools.partial(plain._forward_batches, merge=False)
     forwarded = []
     original = dedup._micro_step
     dedup._micro_step = lambda steps, reps, members, *a: forwarded.append(len(reps)) or original(steps, reps, members, *a)
