@@ -6,6 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
+# A full install is ~4.7 GB in .venv plus pip's unpacked wheels while it runs. A disk that
+# fills half-way leaves a broken venv and an OSError deep in pip's log, so check first.
+NEED_GB=${PROXMO_SETUP_MIN_FREE_GB:-7}
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, vllm" >/dev/null 2>&1; then
+  for dir in . "${TMPDIR:-/tmp}"; do
+    free_kb=$(df -Pk "$dir" | awk 'NR==2 {print $4}')
+    if [ "$free_kb" -lt $((NEED_GB * 1024 * 1024)) ]; then
+      echo "[setup] error: $((free_kb / 1024)) MB free on the disk holding $(cd "$dir" && pwd);" \
+           "a fresh install needs about ${NEED_GB} GB (set PROXMO_SETUP_MIN_FREE_GB to change)." >&2
+      exit 3
+    fi
+  done
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
