@@ -150,13 +150,18 @@ def _decoder_and_head(model):
 MIN_SHARED_PREFIX = 8  # tokens: below this the second forward call costs more than the prefix saves
 
 
-def shared_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
+def shared_prefix_len(ids: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None = None) -> int:
     """Leading positions where every row of ``ids`` [B, L] holds the same token, ending before the
     first response position of any row (``mask`` [B, L-1], as :func:`token_logprobs` takes it), so
-    the hidden state that predicts each response token is outside the prefix. 0 for a single row."""
+    the hidden state that predicts each response token is outside the prefix. 0 for a single row.
+    With ``attn`` [B, L], a position some row masks out (left padding) also ends the prefix: the
+    prefix runs without an attention mask."""
     if ids.shape[0] < 2 or ids.shape[1] < 2:
         return 0
-    same = (ids == ids[:1]).all(dim=0).long()
+    same = (ids == ids[:1]).all(dim=0)
+    if attn is not None:
+        same &= attn.bool().all(dim=0)
+    same = same.long()
     common = int(same.cumprod(dim=0).sum())
     first_response = int(mask.long().argmax(dim=1).min())  # a row without a response gives 0: no sharing
     return min(common, first_response)
@@ -171,7 +176,7 @@ def _decoder_hidden(model, decoder, ids, attn, mask, share_prefix: bool) -> tupl
     activations get the sum of the rows' gradients, so values and gradients are the full
     forward's up to float rounding (tests/unit/services/test_learner.py).
     """
-    p = shared_prefix_len(ids, mask) if share_prefix else 0
+    p = shared_prefix_len(ids, mask, attn) if share_prefix else 0
     if p < MIN_SHARED_PREFIX or getattr(model, "is_gradient_checkpointing", False):
         # (with gradient checkpointing transformers drops past_key_values: the plain path is the exact one)
         return decoder(input_ids=ids, attention_mask=attn).last_hidden_state, 0

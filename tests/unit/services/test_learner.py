@@ -249,6 +249,19 @@ def test_shared_prefix_stops_before_the_first_response_and_needs_two_rows(model_
     assert shared_prefix_len(ids, mask) < 3  # random prompts: at most a chance match
 
 
+def test_shared_prefix_excludes_positions_a_row_masks_out():
+    # Left padding: identical pad columns must not count as a shared prefix (it runs unmasked).
+    from services.learner import shared_prefix_len
+
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [0, 0, 5, 6, 7, 8, 3]])
+    attn = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    mask = torch.zeros((2, 6), dtype=torch.bool)
+    mask[:, 5] = True
+    assert shared_prefix_len(ids, mask) == 5
+    assert shared_prefix_len(ids, mask, attn) == 0
+    assert shared_prefix_len(ids, mask, torch.ones_like(attn)) == 5
+
+
 def test_duplicate_rows_share_a_forward_and_the_update_is_unchanged(model_dir):
     """Identical (prompt, response) rows run once; each still counts with its own advantage."""
     import copy
